@@ -1,0 +1,52 @@
+"""iot-jobs-agent: run AWS IoT Jobs on an edge device, with nothing lost.
+
+Supported imports are the names in ``__all__``; everything else is internal.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from agent.config import Config, MqttConfig, load_config
+from agent.errors import (
+    AgentError,
+    CertificateValidationException,
+    ConfigError,
+    ConflictException,
+    ConnectionFailedError,
+    InvalidRequestException,
+    InvalidResponseError,
+    InvalidStateTransitionException,
+    JobsServiceError,
+    RequestFailedError,
+    RequestTimeoutError,
+    ResourceNotFoundException,
+    ServiceUnavailableException,
+    TerminalStateException,
+    ThrottlingException,
+)
+
+try:
+    __version__ = version("iot-jobs-agent")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AgentError",
+    "CertificateValidationException",
+    "Config",
+    "ConfigError",
+    "ConflictException",
+    "ConnectionFailedError",
+    "InvalidRequestException",
+    "InvalidResponseError",
+    "InvalidStateTransitionException",
+    "JobsServiceError",
+    "MqttConfig",
+    "RequestFailedError",
+    "RequestTimeoutError",
+    "ResourceNotFoundException",
+    "ServiceUnavailableException",
+    "TerminalStateException",
+    "ThrottlingException",
+    "__version__",
+    "load_config",
+]

@@ -1,0 +1,350 @@
+"""The mTLS MQTT 5 connection: the only place the agent builds an awscrt client.
+
+awscrt calls back on its own event-loop threads, holding the GIL; blocking there stalls the
+connection (and blocking on an SDK future there deadlocks). So every lifecycle callback here is
+one ``loop.call_soon_threadsafe`` and nothing else; all state lives on the asyncio loop.
+
+Reconnects are the CRT's: exponential backoff with full jitter between ``reconnect_min`` and
+``reconnect_max``, forever, while the connection is started. A TLS handshake failure is mapped to
+:class:`CertificateValidationException` naming the files to check, because the raw CRT error
+(``AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE`` 10-30 s after the attempt) tells a user nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from awscrt import exceptions as crt_exceptions
+from awscrt import mqtt5
+from awsiot import mqtt5_client_builder
+
+from agent.config import MqttConfig
+from agent.errors import CertificateValidationException, ConfigError, ConnectionFailedError
+
+__all__ = ["Connection", "ConnectionEvent", "ConnectionState", "describe_crt_error"]
+
+log = logging.getLogger("agent.connection")
+
+# CRT error names that mean "the TLS handshake failed", whoever refused whom.
+_TLS_ERRORS = ("AWS_IO_TLS_", "AWS_IO_SOCKET_CLOSED_BY_PEER_DURING_TLS")
+
+
+class ConnectionState(enum.Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    """What happened to the connection, delivered on the asyncio loop.
+
+    ``kind`` is ``connected``, ``disconnected``, ``failed`` or ``stopped``. ``rejoined`` says the
+    broker kept our session (subscriptions survived); ``error`` is the mapped agent error.
+    """
+
+    kind: str
+    rejoined: bool = False
+    error: Exception | None = None
+
+
+def describe_crt_error(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no error"
+    name = getattr(exc, "name", None)
+    message = getattr(exc, "message", None)
+    if name is None and isinstance(exc, RuntimeError):  # "1033 (AWS_IO_TLS_CTX_ERROR): ..."
+        return str(exc)
+    if name and message:
+        return f"{name} ({message})"
+    return name or str(exc) or type(exc).__name__
+
+
+def _is_tls_failure(exc: BaseException | None) -> bool:
+    name = getattr(exc, "name", "") or ""
+    return any(name.startswith(prefix) for prefix in _TLS_ERRORS)
+
+
+class Connection:
+    """One MQTT 5 client to AWS IoT Core over mutually authenticated TLS.
+
+    ``on_message(topic, payload)``, if given, receives every PUBLISH on the asyncio loop (the
+    Jobs client does not need it: the request-response client routes its own replies).
+
+    Use ``async with Connection(mqtt_config, client_id) as conn`` (waits for the first
+    connection, bounded by ``connect_timeout``) or :meth:`start` without waiting (a daemon keeps
+    retrying). Listeners registered with :meth:`add_listener` are called on the asyncio loop for
+    every :class:`ConnectionEvent`, so other components (the Jobs client, the agent) react to
+    reconnects without touching CRT threads.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        client_id: str,
+        *,
+        on_message: Callable[[str, bytes], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._on_message = on_message
+        self.client_id = client_id
+        self.state = ConnectionState.IDLE
+        self.last_error: Exception | None = None
+        self.connections = 0  # successful connects so far: lets callers spot reconnects
+        self._listeners: list[Callable[[ConnectionEvent], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt5.Client | None = None
+        self._connected = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._failure: asyncio.Future[Exception] | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def client(self) -> mqtt5.Client:
+        """The underlying awscrt client (for the request-response client built on it)."""
+        if self._client is None:
+            raise RuntimeError("Connection.start() has not been called")
+        return self._client
+
+    @property
+    def connected(self) -> bool:
+        return self.state is ConnectionState.CONNECTED
+
+    def add_listener(self, listener: Callable[[ConnectionEvent], None]) -> None:
+        self._listeners.append(listener)
+
+    def build(self) -> mqtt5.Client:
+        """Create the CRT client (without connecting). Idempotent.
+
+        Split from :meth:`start` because request-response clients must be created on the
+        mqtt5 client before it starts, so their subscriptions follow the first CONNACK.
+        """
+        if self._client is None:
+            self._loop = asyncio.get_running_loop()
+            self._client = self._build_client()
+        return self._client
+
+    def start(self) -> None:
+        """Start connecting; the CRT reconnects by itself until :meth:`stop`."""
+        if self.state not in (ConnectionState.IDLE, ConnectionState.STOPPED):
+            raise RuntimeError(f"connection already {self.state.value}")
+        self.build()
+        self._stopped.clear()
+        self.state = ConnectionState.CONNECTING
+        log.info("connecting endpoint=%s port=%d client_id=%s", self.config.endpoint,
+                 self.config.port, self.client_id)
+        self.client.start()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait for a connection; raise on a TLS refusal at once, or on ``timeout``.
+
+        A refused socket or an unreachable host is retried until the timeout, because the
+        broker may just be starting; a certificate problem will not fix itself.
+        """
+        if self.connected:
+            return
+        loop = asyncio.get_running_loop()
+        self._failure = loop.create_future()
+        waiter = asyncio.ensure_future(self._connected.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, self._failure}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if self._failure in done:
+                raise self._failure.result()
+            if waiter not in done:
+                last = f": last error {describe_crt_error(self.last_error)}" \
+                    if self.last_error else ""
+                raise ConnectionFailedError(
+                    f"could not connect to {self.config.endpoint}:{self.config.port} within "
+                    f"{timeout:g}s{last}; check mqtt.endpoint/mqtt.port and that the broker "
+                    "is reachable")
+        finally:
+            waiter.cancel()
+            self._failure = None
+
+    async def subscribe(self, *topic_filters: str, no_local: bool = True) -> None:
+        """Subscribe at QoS 1; raise :class:`ConnectionFailedError` if the broker refuses."""
+        packet = mqtt5.SubscribePacket(subscriptions=[
+            mqtt5.Subscription(topic_filter=f, qos=mqtt5.QoS.AT_LEAST_ONCE, no_local=no_local)
+            for f in topic_filters])
+        suback = await asyncio.wrap_future(self.client.subscribe(packet))
+        bad = [f for f, code in zip(topic_filters, suback.reason_codes, strict=False)
+               if int(code) >= 0x80]
+        if bad:
+            raise ConnectionFailedError(f"broker refused subscription to {', '.join(bad)}")
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 without waiting; the CRT queues it while offline."""
+        future = self.client.publish(mqtt5.PublishPacket(
+            topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE))
+        future.add_done_callback(lambda f: self._hop(self._publish_done, topic, f))
+
+    def _publish_done(self, topic: str, future: Any) -> None:
+        exc = future.exception()
+        if exc is not None:
+            log.warning("publish failed topic=%s error=%s", topic, describe_crt_error(exc))
+            return
+        puback = getattr(future.result(), "puback", None)
+        if puback is not None and int(puback.reason_code) >= 0x80:
+            log.warning("publish refused by broker topic=%s reason=%s", topic,
+                        getattr(puback.reason_code, "name", puback.reason_code))
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly and wait for the CRT to confirm (bounded)."""
+        if self._client is None or self.state in (ConnectionState.IDLE, ConnectionState.STOPPED):
+            self.state = ConnectionState.STOPPED
+            return
+        self.state = ConnectionState.STOPPING
+        self._client.stop()
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout)
+        except TimeoutError:
+            log.warning("mqtt client did not confirm stop within %gs", timeout)
+        self.state = ConnectionState.STOPPED
+
+    async def __aenter__(self) -> Connection:
+        self.start()
+        try:
+            await self.wait_connected(self.config.connect_timeout)
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ CRT side
+
+    def _build_client(self) -> mqtt5.Client:
+        cfg = self.config
+        kwargs: dict[str, Any] = {
+            "endpoint": cfg.endpoint,
+            "port": cfg.port,  # never let the builder pick 443/ALPN behind our back
+            "cert_filepath": str(cfg.cert),
+            "pri_key_filepath": str(cfg.key),
+            "client_id": self.client_id,
+            "enable_metrics_collection": False,  # else CONNECT's username is an SDK banner
+            "keep_alive_interval_sec": max(int(cfg.keep_alive), 32),
+            "ping_timeout_ms": 30_000,
+            "session_behavior": mqtt5.ClientSessionBehaviorType.CLEAN,
+            "retry_jitter_mode": mqtt5.ExponentialBackoffJitterMode.FULL,
+            "min_reconnect_delay_ms": int(cfg.reconnect_min * 1000),
+            "max_reconnect_delay_ms": int(cfg.reconnect_max * 1000),
+            "min_connected_time_to_reset_reconnect_delay_ms": 30_000,
+            "on_lifecycle_connection_success": self._crt_success,
+            "on_lifecycle_connection_failure": self._crt_failure,
+            "on_lifecycle_disconnection": self._crt_disconnection,
+            "on_lifecycle_stopped": self._crt_stopped,
+        }
+        if self._on_message is not None:
+            kwargs["on_publish_received"] = self._crt_publish
+        if cfg.ca is not None:
+            kwargs["ca_filepath"] = str(cfg.ca)
+        try:
+            return mqtt5_client_builder.mtls_from_path(**kwargs)
+        except (crt_exceptions.AwsCrtError, RuntimeError) as exc:
+            # awscrt raises RuntimeError("1033 (AWS_IO_TLS_CTX_ERROR) ...") for unusable PEMs.
+            raise CertificateValidationException(
+                f"cannot load the TLS credentials ({describe_crt_error(exc)}): check that "
+                f"mqtt.cert={cfg.cert} and mqtt.key={cfg.key} are PEM files that belong together"
+                + (f" and mqtt.ca={cfg.ca} is a PEM CA bundle" if cfg.ca else "")) from exc
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot build the MQTT client: {exc}") from exc
+
+    # Each of these runs on a CRT thread: hop to the loop and return.
+    def _crt_success(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
+        settings = data.negotiated_settings
+        rejoined = bool(settings.rejoined_session) if settings is not None else False
+        self._hop(self._on_success, rejoined)
+
+    def _crt_failure(self, data: mqtt5.LifecycleConnectFailureData) -> None:
+        self._hop(self._on_failure, data.exception)
+
+    def _crt_disconnection(self, data: mqtt5.LifecycleDisconnectData) -> None:
+        self._hop(self._on_disconnection, data.exception)
+
+    def _crt_stopped(self, data: mqtt5.LifecycleStoppedData) -> None:
+        self._hop(self._on_stopped)
+
+    def _crt_publish(self, data: mqtt5.PublishReceivedData) -> None:
+        packet = data.publish_packet
+        if self._on_message is not None:
+            self._hop(self._on_message, packet.topic, bytes(packet.payload or b""))
+
+    def _hop(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed meanwhile (interpreter exit)
+            loop.call_soon_threadsafe(fn, *args)
+
+    # ------------------------------------------------------------------ loop side
+
+    def _emit(self, event: ConnectionEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a listener bug must not take the connection down
+                log.exception("connection listener failed event=%s", event.kind)
+
+    def _on_success(self, rejoined: bool) -> None:
+        self.state = ConnectionState.CONNECTED
+        self.connections += 1
+        self.last_error = None
+        self._connected.set()
+        log.info("connected endpoint=%s port=%d rejoined_session=%s count=%d",
+                 self.config.endpoint, self.config.port, rejoined, self.connections)
+        self._emit(ConnectionEvent("connected", rejoined=rejoined))
+
+    def map_error(self, exc: BaseException | None) -> Exception:
+        cfg = self.config
+        if _is_tls_failure(exc):
+            files = f"mqtt.cert={cfg.cert}, mqtt.key={cfg.key}" + (
+                f", mqtt.ca={cfg.ca}" if cfg.ca else " (system CA store)")
+            return CertificateValidationException(
+                f"TLS handshake with {cfg.endpoint}:{cfg.port} failed "
+                f"({describe_crt_error(exc)}): the broker refused the device certificate or "
+                f"the broker's certificate is not trusted; check {files} and that the "
+                "certificate is registered and active")
+        return ConnectionFailedError(
+            f"cannot connect to {cfg.endpoint}:{cfg.port}: {describe_crt_error(exc)}")
+
+    def _on_failure(self, exc: BaseException | None) -> None:
+        if self.state in (ConnectionState.STOPPING, ConnectionState.STOPPED):
+            return
+        error = self.map_error(exc)
+        self.last_error = exc if isinstance(exc, Exception) else error
+        log.warning("connection attempt failed endpoint=%s port=%d error=%s",
+                    self.config.endpoint, self.config.port, describe_crt_error(exc))
+        if isinstance(error, CertificateValidationException) and self._failure is not None \
+                and not self._failure.done():
+            self._failure.set_result(error)
+        self._emit(ConnectionEvent("failed", error=error))
+
+    def _on_disconnection(self, exc: BaseException | None) -> None:
+        was_connected = self.state is ConnectionState.CONNECTED
+        if self.state is ConnectionState.CONNECTED:
+            self.state = ConnectionState.CONNECTING
+        self._connected.clear()
+        if was_connected:
+            log.warning("disconnected endpoint=%s error=%s", self.config.endpoint,
+                        describe_crt_error(exc))
+            self._emit(ConnectionEvent("disconnected", error=ConnectionFailedError(
+                f"connection to {self.config.endpoint}:{self.config.port} lost: "
+                f"{describe_crt_error(exc)}")))
+
+    def _on_stopped(self) -> None:
+        self.state = ConnectionState.STOPPED
+        self._connected.clear()
+        self._stopped.set()
+        self._emit(ConnectionEvent("stopped"))

@@ -1,0 +1,754 @@
+"""An I/O-free emulation of the AWS IoT Jobs service: the state machine behind every sandbox front.
+
+Three faces over one state, so that the MQTT emulator, a later HTTP data plane and plain unit tests
+all see exactly the same behaviour:
+
+* a **control plane** (``create_job``, ``cancel_job``...) standing in for the ``iot`` API;
+* a **device plane** (``get_pending``, ``start_next``, ``describe_execution``,
+  ``update_execution``) returning response dicts without ``timestamp``/``clientToken``, which
+  each front adds in its own way (HTTP responses carry neither);
+* an **MQTT adaptor**, :meth:`JobsService.handle`, mapping one publish on
+  ``$aws/things/<thing>/jobs/…`` to the publishes to send back.
+
+Nothing here touches a socket, a thread or the wall clock: time comes from an injected ``clock``
+and timers only fire in :meth:`JobsService.tick`, which the front calls at
+:meth:`JobsService.next_deadline` (AWS itself may time an execution out up to 60 s late, so a
+device racing its own deadline is not something an agent may rely on either way).
+
+Notifications are derived, not hand-placed: every mutation snapshots the pending list of each thing
+it touches, mutates, and compares. ``notify`` goes out when the *set* of pending executions changed,
+``notify-next`` when the *head* changed (``jobs-mqtt-api.md`` section 1.5). Deriving them makes the
+rules hold for every path, including ones added later.
+
+Decisions where AWS is silent or ambiguous (each documented at its method):
+
+* Device requests for a thing that was never created are ``ResourceNotFound``: a real device can
+  only connect as a registered thing, so such a request is a test bug worth surfacing.
+* A given ``statusDetails`` *replaces* the stored map; an omitted one leaves it unchanged.
+* ``TerminalStateReached`` is never produced by the state machine, only by fault injection.
+* Executions remain after they end (as in AWS) until deleted; ``executionNumber`` counts per
+  job id and thing across deletions, so a job re-created under the same id runs as number 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar, cast
+
+from agent.sandbox import _validate as check
+from agent.sandbox._validate import OPERATIONS, REJECTION_CODES, Rejection
+
+__all__ = ["JobsService", "Publish", "Rejection"]
+
+PENDING: Final = frozenset({"QUEUED", "IN_PROGRESS"})
+"""Statuses that keep an execution in a device's pending list; every other status is terminal."""
+
+MAX_PENDING_LISTED: Final = 10
+"""GetPendingJobExecutions and the ``notify`` payload list at most 10 executions."""
+
+_INJECTABLE: Final = REJECTION_CODES - {"VersionMismatch", "InvalidStateTransition"}
+"""Injected faults carry no executionState, so codes that promise one cannot be injected."""
+
+_COUNTERS: Final = {
+    "QUEUED": "numberOfQueuedThings",
+    "IN_PROGRESS": "numberOfInProgressThings",
+    "SUCCEEDED": "numberOfSucceededThings",
+    "FAILED": "numberOfFailedThings",
+    "REJECTED": "numberOfRejectedThings",
+    "TIMED_OUT": "numberOfTimedOutThings",
+    "REMOVED": "numberOfRemovedThings",
+    "CANCELED": "numberOfCanceledThings",
+}
+
+
+@dataclass(frozen=True)
+class Publish:
+    """One MQTT message the service wants sent; the front ``json.dumps`` the payload."""
+
+    topic: str
+    payload: dict[str, Any]
+
+
+@dataclass
+class _Job:
+    job_id: str
+    targets: list[str]
+    document: dict[str, Any]
+    created_at: int
+    last_updated_at: int
+    timeout_minutes: int | None = None
+    description: str | None = None
+    status: str = "IN_PROGRESS"
+    completed_at: int | None = None
+    comment: str | None = None
+    reason_code: str | None = None
+    force_canceled: bool | None = None
+
+
+@dataclass
+class _Execution:
+    job: _Job
+    thing_name: str
+    execution_number: int
+    seq: int  # creation order, breaks ties between executions queued in the same second
+    queued_at: int
+    last_updated_at: int
+    status: str = "QUEUED"
+    status_details: dict[str, str] = field(default_factory=dict)
+    version_number: int = 1
+    started_at: int | None = None
+    step_deadline: int | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JobExecutionSummary; ``startedAt`` is absent (never None) until the execution starts."""
+        out: dict[str, Any] = {"jobId": self.job.job_id, "queuedAt": self.queued_at}
+        if self.started_at is not None:
+            out["startedAt"] = self.started_at
+        out.update(
+            lastUpdatedAt=self.last_updated_at,
+            versionNumber=self.version_number,
+            executionNumber=self.execution_number,
+        )
+        return out
+
+    def record(self, include_document: bool = True) -> dict[str, Any]:
+        """JobExecution as sent over MQTT (no ``approximateSecondsBeforeTimedOut``)."""
+        out = self.summary()
+        out.update(
+            thingName=self.thing_name, status=self.status, statusDetails=dict(self.status_details)
+        )
+        if include_document:
+            out["jobDocument"] = copy.deepcopy(self.job.document)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        """JobExecutionState; also the ``executionState`` a VersionMismatch or
+        InvalidStateTransition rejection carries."""
+        return {
+            "status": self.status,
+            "statusDetails": dict(self.status_details),
+            "versionNumber": self.version_number,
+        }
+
+    def deadline(self) -> int | None:
+        """When this execution times out: the earlier of its step timer and the job's
+        inProgressTimeoutInMinutes counted from ``startedAt``; None when neither applies."""
+        if self.status != "IN_PROGRESS":
+            return None
+        times = [] if self.step_deadline is None else [self.step_deadline]
+        if self.job.timeout_minutes is not None and self.started_at is not None:
+            times.append(self.started_at + self.job.timeout_minutes * 60)
+        return min(times, default=None)
+
+    def set_step_timer(self, minutes: int | None, now: int) -> None:
+        """A given step timeout (re)starts the timer of an IN_PROGRESS execution; -1 stops it."""
+        if minutes is not None and self.status == "IN_PROGRESS":
+            self.step_deadline = None if minutes == -1 else now + minutes * 60
+
+    def transition(self, status: str, now: int) -> None:
+        """Every status change bumps versionNumber; leaving IN_PROGRESS ends the step timer."""
+        if status == "IN_PROGRESS" and self.started_at is None:
+            self.started_at = now
+        if status not in PENDING:
+            self.step_deadline = None
+        self.status = status
+        self.version_number += 1
+        self.last_updated_at = now
+
+
+@dataclass
+class _Fault:
+    code: str
+    remaining: int
+    operations: frozenset[str]
+
+
+_T = TypeVar("_T")
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _device_request(operation: str) -> Callable[[_Method], _Method]:
+    """Make a method a device request named ``operation``: fault injection, then history.
+
+    A decorator rather than a call inside each method so that the method body is the operation
+    itself, and ``handle`` can call the same public method the HTTP data plane calls.
+    """
+
+    def decorate(method: _Method) -> _Method:
+        @functools.wraps(method)
+        def request(self: JobsService, thing_name: str, *args: Any, **kwargs: Any) -> Any:
+            return self._device(
+                thing_name, operation, lambda: method(self, thing_name, *args, **kwargs)
+            )
+
+        return cast(_Method, request)
+
+    return decorate
+
+
+class JobsService:
+    """The IoT Jobs service for one sandbox account. Not thread-safe: the front serialises calls.
+
+    Args:
+        clock: Returns epoch seconds; every timestamp is ``int(clock())`` because the SDK parses
+            them with ``datetime.fromtimestamp`` and milliseconds would overflow it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._things: dict[str, dict[str, _Execution]] = {}  # thing -> job id -> execution
+        self._jobs: dict[str, _Job] = {}
+        self._execution_numbers: dict[tuple[str, str], int] = {}  # survives deletions
+        self._seq = 0
+        self._faults: list[_Fault] = []
+        self._history: list[tuple[str, str, dict[str, Any]]] = []
+        self._serving = False  # inside a device request (see _device)
+
+    # ---------------------------------------------------------------- control plane
+
+    def create_thing(self, thing_name: str) -> None:
+        """Register a thing (idempotent), so jobs may target it and it may use the device API."""
+        self._things.setdefault(check.thing_name(thing_name), {})
+
+    def create_job(
+        self,
+        job_id: str,
+        targets: list[str],
+        document: dict[str, Any],
+        *,
+        in_progress_timeout_minutes: int | None = None,
+        description: str | None = None,
+    ) -> list[Publish]:
+        """Create a snapshot job with one QUEUED execution per target thing (duplicates collapse).
+
+        Raises:
+            Rejection: ``InvalidRequest`` for a malformed argument, ``ResourceNotFound`` for an
+                unknown target, ``ResourceAlreadyExists`` (boto3's CreateJob error) for a job id
+                in use.
+        """
+        check.job_id(job_id)
+        if not isinstance(targets, list) or not targets:
+            raise Rejection("InvalidRequest", "targets must be a non-empty list of thing names")
+        things = list(dict.fromkeys(check.thing_name(t) for t in targets))
+        document = check.job_document(document)
+        timeout = check.timeout_minutes(in_progress_timeout_minutes)
+        description = check.text(description, "description", 2028)
+        for thing in things:
+            self._thing(thing)
+        if job_id in self._jobs:
+            raise Rejection("ResourceAlreadyExists", f"job {job_id} already exists")
+        now = self._now()
+        job = _Job(job_id, things, document, now, now, timeout, description)
+        before = self._snapshot(things)
+        self._jobs[job_id] = job
+        for thing in things:
+            number = self._execution_numbers.get((job_id, thing), 0) + 1
+            self._execution_numbers[job_id, thing] = number
+            self._seq += 1
+            self._things[thing][job_id] = _Execution(job, thing, number, self._seq, now, now)
+        return self._notifications(before)
+
+    def cancel_job(
+        self,
+        job_id: str,
+        *,
+        force: bool = False,
+        comment: str | None = None,
+        reason_code: str | None = None,
+    ) -> list[Publish]:
+        """Cancel a job: QUEUED executions become CANCELED, IN_PROGRESS ones only with ``force``
+        (without it they run on and may still report). Cancelling again, e.g. with force, is
+        allowed; a COMPLETED job cannot be cancelled (``InvalidStateTransition``)."""
+        job = self._job(job_id)
+        check.boolean(force, "force")
+        comment = check.comment(comment)
+        reason_code = check.reason_code(reason_code)
+        if job.status == "COMPLETED":
+            raise Rejection("InvalidStateTransition", f"job {job_id} is already COMPLETED")
+        now = self._now()
+        before = self._snapshot(job.targets)
+        for execution in self._executions_of(job):
+            if execution.status == "QUEUED" or (force and execution.status == "IN_PROGRESS"):
+                execution.transition("CANCELED", now)
+        job.status, job.last_updated_at = "CANCELED", now
+        job.force_canceled = bool(job.force_canceled) or force
+        job.comment = comment if comment is not None else job.comment
+        job.reason_code = reason_code if reason_code is not None else job.reason_code
+        return self._notifications(before)
+
+    def delete_job(self, job_id: str, *, force: bool = False) -> list[Publish]:
+        """Delete a job and all its executions at once (never DELETION_IN_PROGRESS).
+
+        Deleting a job that a device is running pulls the ground from under it, so an
+        IN_PROGRESS execution needs ``force`` (else ``InvalidRequest``); QUEUED ones do not.
+        """
+        job = self._job(job_id)
+        check.boolean(force, "force")
+        running = [e.thing_name for e in self._executions_of(job) if e.status == "IN_PROGRESS"]
+        if running and not force:
+            raise Rejection(
+                "InvalidRequest", f"job {job_id} is IN_PROGRESS on {', '.join(running)}; use force"
+            )
+        before = self._snapshot(job.targets)
+        for thing in job.targets:
+            self._things[thing].pop(job_id, None)
+        del self._jobs[job_id]
+        return self._notifications(before)
+
+    def cancel_job_execution(
+        self,
+        job_id: str,
+        thing_name: str,
+        *,
+        force: bool = False,
+        expected_version: int | None = None,
+        status_details: dict[str, str] | None = None,
+    ) -> list[Publish]:
+        """Cancel one thing's latest execution, as CancelJobExecution does.
+
+        Raises:
+            Rejection: ``ResourceNotFound``; ``VersionConflict`` when ``expected_version`` is not
+                the stored version (checked first, as for device updates);
+                ``InvalidStateTransition`` for a terminal execution, or an IN_PROGRESS one
+                without ``force``; ``InvalidRequest`` for bad arguments (at most 10
+                statusDetails, which replace the stored map when given).
+        """
+        execution = self._execution(job_id, thing_name)
+        check.boolean(force, "force")
+        expected_version = check.integer(expected_version, "expectedVersion")
+        details = check.status_details(status_details, max_pairs=10)
+        if expected_version is not None and expected_version != execution.version_number:
+            raise Rejection(
+                "VersionConflict",
+                f"expected version {expected_version}, execution is at {execution.version_number}",
+            )
+        if execution.status not in PENDING or (execution.status == "IN_PROGRESS" and not force):
+            raise Rejection(
+                "InvalidStateTransition",
+                f"cannot cancel a {execution.status} execution"
+                + (" without force" if execution.status == "IN_PROGRESS" else ""),
+            )
+        before = self._snapshot([execution.thing_name])
+        if details is not None:
+            execution.status_details = details
+        execution.transition("CANCELED", self._now())
+        self._settle(execution.job)
+        return self._notifications(before)
+
+    def delete_job_execution(
+        self, job_id: str, thing_name: str, execution_number: int, *, force: bool = False
+    ) -> list[Publish]:
+        """Delete one execution. As in AWS, only a terminal one unless ``force``
+        (``InvalidStateTransition``); the job completes if nothing of it is left pending."""
+        execution = self._execution(job_id, thing_name, execution_number, required_number=True)
+        check.boolean(force, "force")
+        if execution.status in PENDING and not force:
+            raise Rejection(
+                "InvalidStateTransition",
+                f"cannot delete a {execution.status} execution without force",
+            )
+        before = self._snapshot([execution.thing_name])
+        del self._things[execution.thing_name][job_id]
+        self._settle(execution.job)
+        return self._notifications(before)
+
+    def describe_job(self, job_id: str) -> dict[str, Any]:
+        """DescribeJob's ``job``, with thing names (not ARNs) as targets and the document inline."""
+        job = self._job(job_id)
+        counts = dict.fromkeys(_COUNTERS.values(), 0)
+        for execution in self._executions_of(job):
+            counts[_COUNTERS[execution.status]] += 1
+        out = self._job_summary(job)
+        out.update(
+            targets=list(job.targets),
+            document=copy.deepcopy(job.document),
+            jobProcessDetails=counts,
+        )
+        optional = {
+            "timeoutConfig": None
+            if job.timeout_minutes is None
+            else {"inProgressTimeoutInMinutes": job.timeout_minutes},
+            "description": job.description,
+            "comment": job.comment,
+            "reasonCode": job.reason_code,
+            "forceCanceled": job.force_canceled,
+        }
+        out.update((key, value) for key, value in optional.items() if value is not None)
+        return out
+
+    def get_job_document(self, job_id: str) -> dict[str, Any]:
+        """The job document itself (a copy), not boto3's ``{"document": <string>}`` wrapper."""
+        return copy.deepcopy(self._job(job_id).document)
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        """ListJobs' summaries, in creation order."""
+        return [self._job_summary(job) for job in self._jobs.values()]
+
+    def execution(
+        self, job_id: str, thing_name: str, execution_number: int | None = None
+    ) -> dict[str, Any]:
+        """The full execution record (with jobDocument): the latest one when no number is given."""
+        return self._execution(job_id, thing_name, execution_number).record()
+
+    def executions_for_thing(self, thing_name: str) -> list[dict[str, Any]]:
+        """Every execution (pending or ended) of a thing, in queueing order."""
+        executions = sorted(self._thing(thing_name).values(), key=lambda e: e.seq)
+        return [e.record() for e in executions]
+
+    def executions_for_job(self, job_id: str) -> list[dict[str, Any]]:
+        """Every execution of a job, in target order."""
+        return [e.record() for e in self._executions_of(self._job(job_id))]
+
+    # ---------------------------------------------------------------- device plane
+
+    @_device_request("get")
+    def get_pending(self, thing_name: str) -> dict[str, Any]:
+        """GetPendingJobExecutions: at most 10 summaries, IN_PROGRESS first, then by queueing."""
+        listed = self._pending(self._thing(thing_name))[:MAX_PENDING_LISTED]
+        return {
+            "inProgressJobs": [e.summary() for e in listed if e.status == "IN_PROGRESS"],
+            "queuedJobs": [e.summary() for e in listed if e.status == "QUEUED"],
+        }
+
+    @_device_request("start-next")
+    def start_next(
+        self,
+        thing_name: str,
+        *,
+        status_details: dict[str, str] | None = None,
+        step_timeout_minutes: int | None = None,
+    ) -> tuple[dict[str, Any], list[Publish]]:
+        """StartNextPendingJobExecution: ``{"execution": …}``, or ``{}`` when nothing is pending.
+
+        A QUEUED head starts with the given statusDetails. An IN_PROGRESS head is returned as it
+        is (statusDetails and version kept), but a given step timeout still (re)starts its timer.
+        """
+        details = check.status_details(status_details)
+        step = check.step_timeout(step_timeout_minutes)
+        pending = self._pending(self._thing(thing_name))
+        if not pending:
+            return {}, []
+        head, now = pending[0], self._now()
+        before = self._snapshot([thing_name])
+        if head.status == "QUEUED":
+            if details is not None:
+                head.status_details = details
+            head.transition("IN_PROGRESS", now)
+        head.set_step_timer(step, now)
+        return {"execution": head.record()}, self._notifications(before)
+
+    @_device_request("describe")
+    def describe_execution(
+        self,
+        thing_name: str,
+        job_id: str,
+        *,
+        execution_number: int | None = None,
+        include_job_document: bool = True,
+    ) -> dict[str, Any]:
+        """DescribeJobExecution; ``job_id`` may be ``$next`` (``{}`` when nothing is pending).
+
+        A terminal execution is described normally although the error list has
+        ``TerminalStateReached`` ("describe … on a job in a terminal state"): the real service
+        and boto3 users see terminal executions described, and updating one is
+        ``InvalidStateTransition``, so that code only ever comes from fault injection. With
+        ``$next`` an ``execution_number`` is type-checked but otherwise ignored.
+        """
+        number = check.integer(execution_number, "executionNumber")
+        include_document = check.boolean(include_job_document, "includeJobDocument")
+        executions = self._thing(thing_name)
+        if job_id == "$next":
+            pending = self._pending(executions)
+            return {"execution": pending[0].record(include_document)} if pending else {}
+        execution = self._execution(job_id, thing_name, number)
+        return {"execution": execution.record(include_document)}
+
+    @_device_request("update")
+    def update_execution(
+        self,
+        thing_name: str,
+        job_id: str,
+        *,
+        status: str,
+        status_details: dict[str, str] | None = None,
+        expected_version: int | None = None,
+        execution_number: int | None = None,
+        include_job_execution_state: bool = False,
+        include_job_document: bool = False,
+        step_timeout_minutes: int | None = None,
+    ) -> tuple[dict[str, Any], list[Publish]]:
+        """UpdateJobExecution, checked in this order: the request's fields (``InvalidRequest``),
+        the execution (``ResourceNotFound``, also when ``execution_number`` is not the latest),
+        ``expected_version`` (``VersionMismatch``), then the transition (terminal ->
+        ``InvalidStateTransition``); the last two carry ``executionState``."""
+        new_status = check.device_status(status)
+        details = check.status_details(status_details)
+        expected = check.integer(expected_version, "expectedVersion")
+        number = check.integer(execution_number, "executionNumber")
+        want_state = check.boolean(include_job_execution_state, "includeJobExecutionState")
+        want_document = check.boolean(include_job_document, "includeJobDocument")
+        step = check.step_timeout(step_timeout_minutes)
+        execution = self._execution(job_id, thing_name, number)
+        if expected is not None and expected != execution.version_number:
+            raise Rejection(
+                "VersionMismatch",
+                f"expectedVersion {expected} is not the current {execution.version_number}",
+                execution.state(),
+            )
+        if execution.status not in PENDING:
+            raise Rejection(
+                "InvalidStateTransition",
+                f"execution is {execution.status}, a terminal state; cannot set {new_status}",
+                execution.state(),
+            )
+        now = self._now()
+        before = self._snapshot([execution.thing_name])
+        if details is not None:
+            execution.status_details = details
+        execution.transition(new_status, now)
+        execution.set_step_timer(step, now)
+        self._settle(execution.job)
+        response: dict[str, Any] = {}
+        if want_state:
+            response["executionState"] = execution.state()
+        if want_document:
+            response["jobDocument"] = copy.deepcopy(execution.job.document)
+        return response, self._notifications(before)
+
+    # ---------------------------------------------------------------- MQTT adaptor
+
+    def handle(self, topic: str, payload: bytes) -> list[Publish]:
+        """Answer one device publish: the reply on ``<topic>/accepted|rejected`` first, then any
+        notify and notify-next it caused. Topics the service publishes itself and topics outside
+        ``$aws/things/+/jobs/`` get no answer (``[]``)."""
+        target = check.route(topic)
+        if target is None:
+            return []
+        thing, operation = target.thing_name, target.operation
+        refused: Rejection | None = None
+        try:
+            request = check.parse_request(payload)
+        except Rejection as rejection:
+            request, refused = {}, rejection
+        # Echoed verbatim even when it is not a string (then the request is InvalidRequest).
+        echo = {"clientToken": request["clientToken"]} if "clientToken" in request else {}
+        if operation is None:  # InvalidTopic wins over InvalidJson: the topic is read first
+            refused = Rejection("InvalidTopic", f"topic {topic} maps to no Jobs API")
+        if refused is not None:
+            self._history.append((thing, operation or "unknown", refused.to_payload()))
+            return [self._reply(topic, refused.to_payload() | echo, accepted=False)]
+        assert operation is not None  # answered with InvalidTopic above
+        try:
+            response, publishes = self._device(
+                thing, operation, lambda: self._dispatch(operation, target, request)
+            )
+        except Rejection as rejection:
+            return [self._reply(topic, rejection.to_payload() | echo, accepted=False)]
+        return [self._reply(topic, response | echo, accepted=True), *publishes]
+
+    # ---------------------------------------------------------------- timers and faults
+
+    def tick(self) -> list[Publish]:
+        """Time out every IN_PROGRESS execution whose step timer or job timeout has expired."""
+        moment = self._clock()
+        expired = [
+            e
+            for executions in self._things.values()
+            for e in executions.values()
+            if (deadline := e.deadline()) is not None and deadline <= moment
+        ]
+        before = self._snapshot(dict.fromkeys(e.thing_name for e in expired))
+        now = int(moment)
+        for execution in expired:
+            execution.transition("TIMED_OUT", now)
+            self._settle(execution.job)
+        return self._notifications(before)
+
+    def next_deadline(self) -> float | None:
+        """The earliest epoch second at which :meth:`tick` would time something out."""
+        deadlines = [
+            deadline
+            for executions in self._things.values()
+            for e in executions.values()
+            if (deadline := e.deadline()) is not None
+        ]
+        return float(min(deadlines)) if deadlines else None
+
+    def inject_rejections(self, code: str, count: int, operations: set[str] | None = None) -> None:
+        """Reject the next ``count`` device requests of ``operations`` (None = all) with ``code``.
+
+        The fault hits after topic routing and JSON parsing (so it can echo the clientToken) and
+        before any validation or state change. Faults queue: each request consumes from the first
+        one matching its operation. ``VersionMismatch`` and ``InvalidStateTransition`` cannot be
+        injected because their payload must carry a real executionState.
+
+        Raises:
+            ValueError: For an unknown code or operation, or a negative count (a test bug).
+        """
+        if code not in _INJECTABLE:
+            raise ValueError(f"cannot inject {code!r}; choose from {sorted(_INJECTABLE)}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be a non-negative integer, not {count!r}")
+        chosen = frozenset(OPERATIONS if operations is None else operations)
+        if not chosen <= set(OPERATIONS):
+            raise ValueError(f"unknown operations {sorted(chosen - set(OPERATIONS))}")
+        if count:
+            self._faults.append(_Fault(code, count, chosen))
+
+    @property
+    def history(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(thing, operation, response or rejection payload)`` of every device request, oldest
+        first, without timestamp/clientToken; an unroutable topic is operation ``unknown``."""
+        return list(self._history)
+
+    # ---------------------------------------------------------------- internals
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _device(self, thing: str, operation: str, run: Callable[[], _T]) -> _T:
+        """Serve one device request: an injected fault first, then ``run``; record the outcome.
+
+        Only the outermost call is the request: ``handle`` runs a public device method inside
+        its own request, so that a fault hits before the payload is even checked.
+        """
+        if self._serving:
+            return run()
+        self._serving = True
+        try:
+            for fault in self._faults:
+                if operation in fault.operations:
+                    fault.remaining -= 1
+                    if not fault.remaining:
+                        self._faults.remove(fault)
+                    raise Rejection(fault.code, f"injected {fault.code} fault")
+            result = run()
+        except Rejection as rejection:
+            self._history.append((thing, operation, rejection.to_payload()))
+            raise
+        finally:
+            self._serving = False
+        response = result[0] if isinstance(result, tuple) else result
+        self._history.append((thing, operation, copy.deepcopy(cast(dict[str, Any], response))))
+        return result
+
+    def _dispatch(
+        self, operation: str, target: check.Route, request: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[Publish]]:
+        """Call the device method a routed MQTT request names, with its payload as arguments."""
+        thing, job_id = target.thing_name, target.job_id or ""
+        kwargs = check.request_kwargs(operation, request)
+        if operation == "get":
+            return self.get_pending(thing), []
+        if operation == "start-next":
+            return self.start_next(thing, **kwargs)
+        if operation == "describe":
+            return self.describe_execution(thing, job_id, **kwargs), []
+        return self.update_execution(thing, job_id, **kwargs)
+
+    def _thing(self, thing_name: str) -> dict[str, _Execution]:
+        """The executions of an existing thing, by job id (``ResourceNotFound`` if unknown)."""
+        executions = self._things.get(check.thing_name(thing_name))
+        if executions is None:
+            raise Rejection("ResourceNotFound", f"thing {thing_name} does not exist")
+        return executions
+
+    def _job(self, job_id: str) -> _Job:
+        job = self._jobs.get(check.job_id(job_id))
+        if job is None:
+            raise Rejection("ResourceNotFound", f"job {job_id} does not exist")
+        return job
+
+    def _execution(
+        self,
+        job_id: str,
+        thing_name: str,
+        number: int | None = None,
+        *,
+        required_number: bool = False,
+    ) -> _Execution:
+        """The current execution of ``job_id`` on a thing; ``number``, if given, must be its
+        executionNumber (older runs no longer exist once deleted)."""
+        check.job_id(job_id)
+        executions = self._thing(thing_name)
+        number = check.integer(number, "executionNumber")
+        if number is None and required_number:
+            raise Rejection("InvalidRequest", "executionNumber is required")
+        execution = executions.get(job_id)
+        if execution is None or (number is not None and number != execution.execution_number):
+            run = "" if number is None else f" number {number}"
+            raise Rejection(
+                "ResourceNotFound", f"no execution{run} of job {job_id} on thing {thing_name}"
+            )
+        return execution
+
+    def _executions_of(self, job: _Job) -> list[_Execution]:
+        return [
+            execution
+            for thing in job.targets
+            if (execution := self._things[thing].get(job.job_id)) is not None
+        ]
+
+    def _settle(self, job: _Job) -> None:
+        """A running job completes once none of its executions is pending any more."""
+        if job.status == "IN_PROGRESS" and all(
+            e.status not in PENDING for e in self._executions_of(job)
+        ):
+            job.status = "COMPLETED"
+            job.completed_at = job.last_updated_at = self._now()
+
+    @staticmethod
+    def _job_summary(job: _Job) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "jobId": job.job_id,
+            "targetSelection": "SNAPSHOT",
+            "status": job.status,
+            "createdAt": job.created_at,
+            "lastUpdatedAt": job.last_updated_at,
+        }
+        if job.completed_at is not None:
+            out["completedAt"] = job.completed_at
+        return out
+
+    @staticmethod
+    def _pending(executions: dict[str, _Execution]) -> list[_Execution]:
+        """A thing's pending list in service order: IN_PROGRESS first, then by queueing."""
+        pending = [e for e in executions.values() if e.status in PENDING]
+        return sorted(pending, key=lambda e: (e.status != "IN_PROGRESS", e.seq))
+
+    def _snapshot(self, things: Iterable[str]) -> dict[str, list[_Execution]]:
+        return {thing: self._pending(self._things[thing]) for thing in things}
+
+    def _notifications(self, before: dict[str, list[_Execution]]) -> list[Publish]:
+        """notify when a thing's pending *set* changed, notify-next when its *head* changed.
+
+        Compared by identity: a deleted-and-recreated execution is a new object, and a
+        QUEUED -> IN_PROGRESS move changes neither the set nor (unless it reorders) the head.
+        """
+        out: list[Publish] = []
+        now = self._now()
+        for thing, old in before.items():
+            new = self._pending(self._things[thing])
+            prefix = f"$aws/things/{thing}/jobs/"
+            if {id(e) for e in old} != {id(e) for e in new}:
+                listed = new[:MAX_PENDING_LISTED]
+                jobs = {
+                    status: summaries
+                    for status in ("IN_PROGRESS", "QUEUED")
+                    if (summaries := [e.summary() for e in listed if e.status == status])
+                }
+                out.append(Publish(prefix + "notify", {"timestamp": now, "jobs": jobs}))
+            if (old[0] if old else None) is not (new[0] if new else None):
+                payload: dict[str, Any] = {"timestamp": now}
+                if new:
+                    payload["execution"] = new[0].record()
+                out.append(Publish(prefix + "notify-next", payload))
+        return out
+
+    def _reply(self, topic: str, body: dict[str, Any], *, accepted: bool) -> Publish:
+        suffix = "/accepted" if accepted else "/rejected"
+        return Publish(topic + suffix, {**body, "timestamp": self._now()})
