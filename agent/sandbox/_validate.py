@@ -22,7 +22,6 @@ from typing import Any, Final
 __all__ = [
     "DEVICE_STATUSES",
     "OPERATIONS",
-    "REJECTION_CODES",
     "Rejection",
     "Route",
     "boolean",
@@ -41,21 +40,6 @@ __all__ = [
     "thing_name",
     "timeout_minutes",
 ]
-
-REJECTION_CODES: Final = frozenset(
-    {
-        "InvalidTopic",
-        "InvalidJson",
-        "InvalidRequest",
-        "InvalidStateTransition",
-        "ResourceNotFound",
-        "VersionMismatch",
-        "InternalError",
-        "RequestThrottled",
-        "TerminalStateReached",
-    }
-)
-"""The device API's wire codes (SDK ``RejectedErrorCode``); fault injection may use any of them."""
 
 DEVICE_STATUSES: Final = frozenset({"IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED"})
 """The only statuses a device may send: QUEUED, TIMED_OUT, REMOVED, CANCELED are service-set."""

@@ -26,6 +26,8 @@ Decisions where AWS is silent or ambiguous (each documented at its method):
   only connect as a registered thing, so such a request is a test bug worth surfacing.
 * A given ``statusDetails`` *replaces* the stored map; an omitted one leaves it unchanged.
 * ``TerminalStateReached`` is never produced by the state machine, only by fault injection.
+* Over MQTT, unknown request fields and explicit ``null`` values are ``InvalidRequest``
+  (``_validate.request_kwargs``): the SDK never sends them, so they reveal a client bug.
 * Executions remain after they end (as in AWS) until deleted; ``executionNumber`` counts per
   job id and thing across deletions, so a job re-created under the same id runs as number 2.
 """
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
 from agent.sandbox import _validate as check
-from agent.sandbox._validate import OPERATIONS, REJECTION_CODES, Rejection
+from agent.sandbox._validate import OPERATIONS, Rejection
 
 __all__ = ["JobsService", "Publish", "Rejection"]
 
@@ -50,7 +52,7 @@ PENDING: Final = frozenset({"QUEUED", "IN_PROGRESS"})
 MAX_PENDING_LISTED: Final = 10
 """GetPendingJobExecutions and the ``notify`` payload list at most 10 executions."""
 
-_INJECTABLE: Final = REJECTION_CODES - {"VersionMismatch", "InvalidStateTransition"}
+_NOT_INJECTABLE: Final = frozenset({"VersionMismatch", "InvalidStateTransition"})
 """Injected faults carry no executionState, so codes that promise one cannot be injected."""
 
 _COUNTERS: Final = {
@@ -452,11 +454,12 @@ class JobsService:
     ) -> dict[str, Any]:
         """DescribeJobExecution; ``job_id`` may be ``$next`` (``{}`` when nothing is pending).
 
-        A terminal execution is described normally although the error list has
-        ``TerminalStateReached`` ("describe … on a job in a terminal state"): the real service
-        and boto3 users see terminal executions described, and updating one is
-        ``InvalidStateTransition``, so that code only ever comes from fault injection. With
-        ``$next`` an ``execution_number`` is type-checked but otherwise ignored.
+        A terminal execution is described normally, although the code list has
+        ``TerminalStateReached`` ("describe … on a job in a terminal state"): describing is how
+        a device learns an outcome it missed (say, TIMED_OUT while offline), and writes to a
+        terminal execution are already ``InvalidStateTransition``. So that code only ever comes
+        from fault injection.
+        With ``$next`` an ``execution_number`` is type-checked but otherwise ignored.
         """
         number = check.integer(execution_number, "executionNumber")
         include_document = check.boolean(include_job_document, "includeJobDocument")
@@ -583,14 +586,16 @@ class JobsService:
 
         The fault hits after topic routing and JSON parsing (so it can echo the clientToken) and
         before any validation or state change. Faults queue: each request consumes from the first
-        one matching its operation. ``VersionMismatch`` and ``InvalidStateTransition`` cannot be
-        injected because their payload must carry a real executionState.
+        one matching its operation. Any code may be injected, including ones AWS may add later
+        (clients must cope with those), except ``VersionMismatch`` and ``InvalidStateTransition``,
+        whose payload must carry a real executionState.
 
         Raises:
-            ValueError: For an unknown code or operation, or a negative count (a test bug).
+            ValueError: For an empty or state-carrying code, an unknown operation or a negative
+                count (a test bug).
         """
-        if code not in _INJECTABLE:
-            raise ValueError(f"cannot inject {code!r}; choose from {sorted(_INJECTABLE)}")
+        if not isinstance(code, str) or not code or code in _NOT_INJECTABLE:
+            raise ValueError(f"cannot inject {code!r}: codes carrying executionState are refused")
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"count must be a non-negative integer, not {count!r}")
         chosen = frozenset(OPERATIONS if operations is None else operations)

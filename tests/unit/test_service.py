@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from agent.sandbox.service import JobsService, Publish, Rejection
 
@@ -78,7 +78,9 @@ def rejected(
     return out.payload
 
 
-def accepted(svc: JobsService, suffix: str, body: Any = None, thing: str = "dev1") -> dict[str, Any]:
+def accepted(
+    svc: JobsService, suffix: str, body: Any = None, thing: str = "dev1"
+) -> dict[str, Any]:
     out = reply(svc, suffix, body, thing)
     assert out.topic == topic(thing, suffix) + "/accepted", out
     return out.payload
@@ -111,7 +113,7 @@ def make_status(
 ) -> None:
     """Drive an execution to ``status`` through whatever path reaches it (TIMED_OUT needs the
     service's clock)."""
-    if status == "IN_PROGRESS" or status in ("SUCCEEDED", "FAILED", "REJECTED"):
+    if status in ("IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED"):
         svc.update_execution(thing, job, status=status)
     elif status == "CANCELED":
         svc.cancel_job_execution(job, thing)
@@ -150,7 +152,9 @@ def assert_int(value: Any) -> None:
         "",
     ],
 )
-def test_handle_ignores_its_own_replies_and_foreign_topics(svc: JobsService, raw_topic: str) -> None:
+def test_handle_ignores_its_own_replies_and_foreign_topics(
+    svc: JobsService, raw_topic: str
+) -> None:
     jobs(svc, "j1")
     assert svc.handle(raw_topic, b"{}") == []
     assert svc.history == []
@@ -385,7 +389,10 @@ def test_direct_device_calls_validate_like_mqtt(svc: JobsService) -> None:
     cases: list[tuple[Any, str]] = [
         (lambda: svc.start_next("dev1", status_details={"k": ""}), "statusDetails"),
         (lambda: svc.start_next("dev1", step_timeout_minutes=True), "stepTimeoutInMinutes"),
-        (lambda: svc.describe_execution("dev1", "j1", include_job_document=1), "includeJob"),
+        (
+            lambda: svc.describe_execution("dev1", "j1", include_job_document=1),  # type: ignore[arg-type]
+            "includeJob",
+        ),
         (lambda: svc.describe_execution("dev1", "j 1"), "jobId"),
         (lambda: svc.update_execution("dev1", "j1", status="QUEUED"), "status"),
         (lambda: svc.update_execution("dev1", "$next", status="SUCCEEDED"), "jobId"),
@@ -418,8 +425,7 @@ def test_get_pending_lists_in_progress_first_then_queued_in_creation_order(
     jobs(svc, "j1", "j2", "j3", "j4")  # same second: creation order must break the tie
     assert accepted(svc, "get") == {
         "inProgressJobs": [],
-        "queuedJobs": [svc.execution(j, "dev1") | {} for j in ()]
-        or [
+        "queuedJobs": [
             {
                 "jobId": j,
                 "queuedAt": int(T0),
@@ -619,9 +625,7 @@ def test_update_version_check(svc: JobsService) -> None:
     accepted(svc, "j1/update", {"status": "IN_PROGRESS", "expectedVersion": 2})
     accepted(svc, "j1/update", {"status": "SUCCEEDED", "expectedVersion": 3})
     # On a terminal execution the version is checked before the transition.
-    out = rejected(
-        svc, "j1/update", {"status": "FAILED", "expectedVersion": 1}, "VersionMismatch"
-    )
+    out = rejected(svc, "j1/update", {"status": "FAILED", "expectedVersion": 1}, "VersionMismatch")
     assert out["executionState"]["status"] == "SUCCEEDED"
     rejected(svc, "j1/update", {"status": "FAILED", "expectedVersion": 4}, "InvalidStateTransition")
 
@@ -689,7 +693,9 @@ def test_update_of_an_unknown_or_deleted_execution_is_resource_not_found(svc: Jo
 
 def notify_jobs(publish: Publish) -> dict[str, list[str]]:
     assert publish.topic.endswith("/notify")
-    return {status: [s["jobId"] for s in items] for status, items in publish.payload["jobs"].items()}
+    return {
+        status: [s["jobId"] for s in items] for status, items in publish.payload["jobs"].items()
+    }
 
 
 def test_new_job_on_an_empty_thing_sends_notify_then_notify_next(svc: JobsService) -> None:
@@ -1002,7 +1008,11 @@ def test_cancel_job_cancels_queued_and_leaves_in_progress_running(
     assert (queued["status"], queued["versionNumber"]) == ("CANCELED", 2)
     assert queued["lastUpdatedAt"] == int(clock.now)
     job = svc.describe_job("j1")
-    assert (job["status"], job["comment"], job["reasonCode"]) == ("CANCELED", "bad build", "BAD_BUILD_2")
+    assert (job["status"], job["comment"], job["reasonCode"]) == (
+        "CANCELED",
+        "bad build",
+        "BAD_BUILD_2",
+    )
     assert job["forceCanceled"] is False
     assert job["lastUpdatedAt"] == int(clock.now)
     # The running device may still finish; the job stays CANCELED.
@@ -1092,9 +1102,7 @@ def test_cancel_job_execution_rejections(svc: JobsService) -> None:
         "InvalidRequest", svc.cancel_job_execution, "j1", "dev1", status_details=too_many
     )
     assert "statusDetails" in error.message
-    control_error(
-        "InvalidRequest", svc.cancel_job_execution, "j1", "dev1", expected_version="1"
-    )
+    control_error("InvalidRequest", svc.cancel_job_execution, "j1", "dev1", expected_version="1")
     assert status_of(svc, "j1") == "QUEUED"
 
 
@@ -1209,6 +1217,11 @@ def test_injected_faults_hit_before_validation_but_after_json(svc: JobsService) 
     rejected(svc, "get", {"unknown": 1}, "InvalidRequest")
 
 
+def test_any_future_code_can_be_injected(svc: JobsService) -> None:
+    svc.inject_rejections("SomethingNewFromAws", 1, {"get"})
+    assert rejected(svc, "get", {}, "SomethingNewFromAws")["message"]
+
+
 def test_injected_faults_queue_in_order(svc: JobsService) -> None:
     svc.inject_rejections("RequestThrottled", 1)
     svc.inject_rejections("TerminalStateReached", 1, {"describe"})
@@ -1218,8 +1231,8 @@ def test_injected_faults_queue_in_order(svc: JobsService) -> None:
     rejected(svc, "get", {}, "InternalError")
     rejected(svc, "$next/get", {}, "TerminalStateReached")
     accepted(svc, "$next/get")
-    control_error_codes = [h[2].get("code") for h in svc.history]
-    assert control_error_codes == [
+    codes = [entry.get("code") for _, _, entry in svc.history]
+    assert codes == [
         "RequestThrottled",
         "InternalError",
         "TerminalStateReached",
@@ -1230,7 +1243,7 @@ def test_injected_faults_queue_in_order(svc: JobsService) -> None:
 @pytest.mark.parametrize(
     ("code", "count", "operations"),
     [
-        ("Bogus", 1, None),
+        ("", 1, None),
         ("VersionMismatch", 1, None),
         ("InvalidStateTransition", 1, None),
         ("InternalError", -1, None),
@@ -1290,7 +1303,9 @@ def test_payloads_parse_with_the_aws_iot_device_sdk(svc: JobsService) -> None:
     iotjobs = pytest.importorskip("awsiot.iotjobs")
     created = svc.create_job("j1", ["dev1"], DOC) + svc.create_job("j2", ["dev1"], DOC)
     notify, notify_next = created[0], created[1]
-    got = iotjobs.GetPendingJobExecutionsResponse.from_payload(accepted(svc, "get", {"clientToken": "a"}))
+    got = iotjobs.GetPendingJobExecutionsResponse.from_payload(
+        accepted(svc, "get", {"clientToken": "a"})
+    )
     assert got.client_token == "a" and got.queued_jobs[0].started_at is None
     assert got.queued_jobs[0].queued_at.timestamp() == int(T0)
     started = iotjobs.StartNextJobExecutionResponse.from_payload(accepted(svc, "start-next"))
@@ -1336,7 +1351,11 @@ def test_response_keys_are_members_of_the_botocore_model(svc: JobsService) -> No
     execution = svc.describe_execution("dev1", "j1")["execution"]
     assert set(execution) == members("JobExecution") - {"approximateSecondsBeforeTimedOut"}
     state = svc.update_execution(
-        "dev1", "j1", status="IN_PROGRESS", include_job_execution_state=True, include_job_document=True
+        "dev1",
+        "j1",
+        status="IN_PROGRESS",
+        include_job_execution_state=True,
+        include_job_document=True,
     )[0]
     assert set(state) == members("UpdateJobExecutionResponse")
     assert set(state["executionState"]) == members("JobExecutionState")
@@ -1366,7 +1385,9 @@ def test_status_details_values_follow_the_control_character_rule(value: str) -> 
 THINGS = ("t1", "t2", "t3")
 JOB_IDS = tuple(f"job{i}" for i in range(13))
 DETAILS = st.none() | st.dictionaries(
-    st.sampled_from(["step", "progress", "k:1"]), st.sampled_from(["a", "50%", "done ✓"]), max_size=2
+    st.sampled_from(["step", "progress", "k:1"]),
+    st.sampled_from(["a", "50%", "done ✓"]),
+    max_size=2,
 )
 STEP = st.none() | st.sampled_from([-1, 1, 2, 10])
 
@@ -1409,6 +1430,19 @@ class ServiceMachine(RuleBasedStateMachine):
             view[thing] = (keys, None if head is None else (head["jobId"], head["executionNumber"]))
         return view
 
+    def _job(self, data: st.DataObject) -> str:
+        """Mostly a job that exists (so requests reach deep states), sometimes any id."""
+        existing: list[str] = [job["jobId"] for job in self.svc.list_jobs()]
+        usual = data.draw(st.integers(0, 9)) > 0
+        return data.draw(st.sampled_from(existing if existing and usual else JOB_IDS))
+
+    def _execution(self, data: st.DataObject) -> tuple[str, str, int]:
+        """Mostly an existing (thing, job, executionNumber), sometimes anything."""
+        usual = data.draw(st.integers(0, 9)) > 0
+        if self.records and usual:
+            return data.draw(st.sampled_from(sorted(self.records)))
+        return (data.draw(st.sampled_from(THINGS)), self._job(data), data.draw(st.integers(1, 2)))
+
     # ------------------------------------------------------------ control plane
 
     def _control(self, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -1424,6 +1458,16 @@ class ServiceMachine(RuleBasedStateMachine):
             }, error
             self.step_publishes = []
 
+    @initialize(timeout=st.none() | st.integers(1, 3))
+    def first_jobs(self, timeout: int | None) -> None:
+        """Start from two jobs, so that short runs too reach started and finished executions.
+        (Two mutations in one step: their notifications are checked by the example tests.)"""
+        self.svc.create_job(
+            "job0", ["t1", "t2"], {"id": "job0"}, in_progress_timeout_minutes=timeout
+        )
+        self.svc.create_job("job1", ["t1"], {"id": "job1"})
+        self.records, self.pending = self._records(), self._pending_view()
+
     @rule(
         job=st.sampled_from(JOB_IDS),
         things=st.lists(st.sampled_from(THINGS), min_size=1, max_size=3),
@@ -1434,24 +1478,24 @@ class ServiceMachine(RuleBasedStateMachine):
             self.svc.create_job, job, things, {"id": job}, in_progress_timeout_minutes=timeout
         )
 
-    @rule(job=st.sampled_from(JOB_IDS), force=st.booleans())
-    def cancel_job(self, job: str, force: bool) -> None:
-        self._control(self.svc.cancel_job, job, force=force)
+    @rule(data=st.data(), force=st.booleans())
+    def cancel_job(self, data: st.DataObject, force: bool) -> None:
+        self._control(self.svc.cancel_job, self._job(data), force=force)
 
-    @rule(job=st.sampled_from(JOB_IDS), force=st.booleans())
-    def delete_job(self, job: str, force: bool) -> None:
-        self._control(self.svc.delete_job, job, force=force)
+    @rule(data=st.data(), force=st.booleans())
+    def delete_job(self, data: st.DataObject, force: bool) -> None:
+        self._control(self.svc.delete_job, self._job(data), force=force)
 
     @rule(
-        job=st.sampled_from(JOB_IDS),
-        thing=st.sampled_from(THINGS),
+        data=st.data(),
         force=st.booleans(),
         version=st.none() | st.integers(1, 5),
         details=DETAILS,
     )
     def cancel_job_execution(
-        self, job: str, thing: str, force: bool, version: int | None, details: Any
+        self, data: st.DataObject, force: bool, version: int | None, details: Any
     ) -> None:
+        thing, job, _ = self._execution(data)
         self._control(
             self.svc.cancel_job_execution,
             job,
@@ -1461,13 +1505,9 @@ class ServiceMachine(RuleBasedStateMachine):
             status_details=details,
         )
 
-    @rule(
-        job=st.sampled_from(JOB_IDS),
-        thing=st.sampled_from(THINGS),
-        number=st.integers(1, 3),
-        force=st.booleans(),
-    )
-    def delete_job_execution(self, job: str, thing: str, number: int, force: bool) -> None:
+    @rule(data=st.data(), force=st.booleans())
+    def delete_job_execution(self, data: st.DataObject, force: bool) -> None:
+        thing, job, number = self._execution(data)
         self._control(self.svc.delete_job_execution, job, thing, number, force=force)
 
     @rule(seconds=st.sampled_from([0, 1, 30, 59.5, 60, 61, 119, 400]))
@@ -1478,7 +1518,7 @@ class ServiceMachine(RuleBasedStateMachine):
         after = self.svc.next_deadline()
         assert after is None or after > self.clock.now
         if deadline is not None and deadline <= self.clock.now:
-            assert self.step_publishes or deadline != after  # something timed out
+            assert deadline != after  # the due execution timed out
 
     # ------------------------------------------------------------ device plane (MQTT)
 
@@ -1504,43 +1544,57 @@ class ServiceMachine(RuleBasedStateMachine):
         self._send(thing, "start-next", body, token)
 
     @rule(
-        thing=st.sampled_from(THINGS),
-        job=st.sampled_from((*JOB_IDS[:4], "$next")),
+        data=st.data(),
+        next_=st.booleans(),
+        number=st.booleans(),
         include=st.none() | st.booleans(),
         token=st.booleans(),
     )
-    def describe(self, thing: str, job: str, include: bool | None, token: bool) -> None:
-        self._send(thing, f"{job}/get", {} if include is None else {"includeJobDocument": include}, token)
+    def describe(
+        self, data: st.DataObject, next_: bool, number: bool, include: bool | None, token: bool
+    ) -> None:
+        thing, job, execution_number = self._execution(data)
+        body: dict[str, Any] = {} if include is None else {"includeJobDocument": include}
+        if number:
+            body["executionNumber"] = execution_number
+        self._send(thing, f"{'$next' if next_ else job}/get", body, token)
 
     @rule(
-        thing=st.sampled_from(THINGS),
-        job=st.sampled_from(JOB_IDS[:4]),
+        data=st.data(),
         status=st.sampled_from(["IN_PROGRESS", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED"]),
         details=DETAILS,
         version=st.sampled_from(["none", "right", "wrong"]),
+        number=st.booleans(),
         step=STEP,
         include_state=st.booleans(),
+        include_document=st.booleans(),
         token=st.booleans(),
     )
     def update(
         self,
-        thing: str,
-        job: str,
+        data: st.DataObject,
         status: str,
         details: Any,
         version: str,
+        number: bool,
         step: int | None,
         include_state: bool,
+        include_document: bool,
         token: bool,
     ) -> None:
-        body: dict[str, Any] = {"status": status, "includeJobExecutionState": include_state}
+        thing, job, execution_number = self._execution(data)
+        body: dict[str, Any] = {
+            "status": status,
+            "includeJobExecutionState": include_state,
+            "includeJobDocument": include_document,
+        }
         if details is not None:
             body["statusDetails"] = details
         if step is not None:
             body["stepTimeoutInMinutes"] = step
-        current = self.records.get((thing, job, 1)) or next(
-            (r for (t, j, _), r in self.records.items() if (t, j) == (thing, job)), None
-        )
+        if number:
+            body["executionNumber"] = execution_number
+        current = self.records.get((thing, job, execution_number))
         if version != "none" and current is not None:
             body["expectedVersion"] = current["versionNumber"] + (version == "wrong")
         self._send(thing, f"{job}/update", body, token)
@@ -1555,7 +1609,6 @@ class ServiceMachine(RuleBasedStateMachine):
         self.step_publishes = self.svc.handle(topic(thing, suffix), raw)
         assert kinds(self.step_publishes) == ["rejected"]
 
-    @precondition(lambda self: self.svc.list_jobs())
     @rule(
         thing=st.sampled_from(THINGS),
         code=st.sampled_from(["RequestThrottled", "InternalError", "TerminalStateReached"]),
@@ -1617,6 +1670,15 @@ class ServiceMachine(RuleBasedStateMachine):
         for record in records.values():
             assert ("startedAt" in record) or record["status"] != "IN_PROGRESS"
             assert None not in record.values()
+        for job in self.svc.list_jobs():
+            statuses = {e["status"] for e in self.svc.executions_for_job(job["jobId"])}
+            running = bool(statuses & {"QUEUED", "IN_PROGRESS"})
+            if job["status"] == "IN_PROGRESS":
+                assert running
+            elif job["status"] == "COMPLETED":
+                assert not running and "completedAt" in job
+            else:
+                assert job["status"] == "CANCELED" and "QUEUED" not in statuses
         self.records = records
 
     def notifications_match_the_state(self) -> None:
