@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +70,34 @@ async def _pending(config: Config) -> dict[str, object]:
         return await jobs.get_pending_job_executions(thingName=config.thing_name)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    from agent.app import run_agent  # after the config: a config error needs none of it
+
+    faulthandler.enable()  # a watchdog SIGABRT then shows where the loop was stuck
+
+    level = "DEBUG" if args.verbose > 1 else config.log_level
+    configure_logging(level, json_lines=config.log_format == "json")
+    return asyncio.run(run_agent(config))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    problems = check_files(config)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return EXIT_CONFIG
+    handlers = ", ".join(sorted(config.handlers)) or "none"
+    print(f"{args.config}: OK (thing {config.thing_name}, handlers: {handlers})")
+    return EXIT_OK
+
+
 def cmd_pending(args: argparse.Namespace) -> int:
     config = _load(args.config)
     result = asyncio.run(_pending(config))
@@ -82,7 +110,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from agent.sandbox.demo import run_sandbox
 
     try:
-        return run_sandbox(args.dir, once=args.once)
+        return run_sandbox(args.dir, once=args.once, agent=not args.no_agent)
     except RuntimeError as exc:  # the sandbox's own set-up failures (mosquitto/openssl missing)
         raise SandboxError(str(exc)) from exc
 
@@ -98,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
                        help=f"agent config file (default {DEFAULT_CONFIG_PATH})")
 
+    p = sub.add_parser("run", help="run the agent: execute this thing's jobs until stopped")
+    with_config(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate the config file and the files it names; "
+                                            "print every problem with its line")
+    with_config(p)
+    p.set_defaults(func=cmd_check_config)
+
     p = sub.add_parser("pending", help="print this thing's pending job executions as JSON "
                                        "(boto3 get_pending_job_executions shape)")
     with_config(p)
@@ -109,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=DEFAULT_SANDBOX_DIR,
                    help=f"where certificates, configs and logs go (default {DEFAULT_SANDBOX_DIR})")
     p.add_argument("--once", action="store_true",
-                   help="run the demo, then exit 0 if it worked")
+                   help="run the demo job, then exit 0 if it SUCCEEDED")
+    p.add_argument("--no-agent", action="store_true",
+                   help="run only the cloud side (broker + emulator); run the agent yourself")
     p.set_defaults(func=cmd_sandbox)
     return parser
 
@@ -117,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    levels = {0: logging.ERROR, 1: logging.INFO}
-    configure_logging(levels.get(args.verbose, logging.DEBUG))
+    levels = {0: "ERROR", 1: "INFO"}
+    configure_logging(levels.get(args.verbose, "DEBUG"))
     try:
         return int(args.func(args))
     except AgentError as exc:

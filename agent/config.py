@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import re
 import stat
 import types
@@ -30,8 +31,10 @@ from agent.errors import ConfigError
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "Config",
+    "HandlerConfig",
     "MqttConfig",
     "check_files",
+    "handler_program_problem",
     "load_config",
     "parse_duration",
 ]
@@ -105,12 +108,100 @@ class MqttConfig:
         return f"MqttConfig(endpoint={self.endpoint!r}, port={self.port}, cert={str(self.cert)!r})"
 
 
+def _command(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ValueError("expected a list like [/usr/lib/iot-jobs-agent/handlers/x.sh, --flag] "
+                         "(a command is never run through a shell)")
+    if not isinstance(value, list) or not value or not all(
+            isinstance(a, str) and a and "\0" not in a for a in value):
+        raise ValueError("expected a non-empty list of strings")
+    if not value[0].startswith("/"):
+        raise ValueError(f"the program must be an absolute path, got {value[0]!r}")
+    return tuple(value)
+
+
+def _environment(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of NAME: value, got {_kind(value)}")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"{key!r} is not a valid environment variable name")
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise ValueError(f"{key}: expected a string, got {_kind(item)}")
+        out[key] = str(item)
+    return out
+
+
+def _user(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", value):
+        raise ValueError(f"expected a user name, got {value!r}")
+    return value
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _log_level(value: object) -> str:
+    if not isinstance(value, str) or value.upper() not in _LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS).lower()}, got {value!r}")
+    return value.upper()
+
+
+def _log_format(value: object) -> str:
+    if value not in ("text", "json"):
+        raise ValueError(f"expected text or json, got {value!r}")
+    return str(value)
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """One program the agent may run; a job's ``operation`` names it."""
+
+    command: tuple[str, ...] = _setting(
+        "program and fixed arguments; the job document's args are appended (no shell)",
+        parse=_command)
+    timeout: float = _setting("longest run; then SIGTERM to its process group, SIGKILL after "
+                              "kill_grace", default=3600.0, parse=parse_duration)
+    user: str | None = _setting("run as this user (the agent must run as root)", default=None,
+                                parse=_user)
+    environment: dict[str, str] = _setting("extra environment variables for the handler",
+                                           default_factory=dict, parse=_environment)
+
+    @property
+    def program(self) -> Path:
+        return Path(self.command[0])
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole agent configuration (``/etc/iot-jobs-agent/config.yaml``)."""
 
     thing_name: str = _setting("the AWS IoT thing this device is", parse=_thing_name)
     mqtt: MqttConfig = _setting("connection to AWS IoT Core")
+    handlers: dict[str, HandlerConfig] = _setting(
+        "operation name -> handler; only these ever run", default_factory=dict)
+    state_dir: Path = _setting("journal, per-job logs and work directories",
+                               default=Path("/var/lib/iot-jobs-agent"))
+    max_concurrent_jobs: int = _setting("jobs run at the same time", default=1,
+                                        parse=_positive_int)
+    poll_interval: float = _setting("safety poll for pending jobs, in case a notification was "
+                                    "lost", default=300.0, parse=parse_duration)
+    progress_interval: float = _setting("at most one progress update per job per interval",
+                                        default=10.0, parse=parse_duration)
+    shutdown_grace: float = _setting("on SIGTERM, how long running handlers may finish",
+                                     default=60.0, parse=parse_duration)
+    kill_grace: float = _setting("between SIGTERM and SIGKILL of a handler", default=10.0,
+                                 parse=parse_duration)
+    log_level: str = _setting("debug, info, warning or error", default="INFO", parse=_log_level)
+    log_format: str = _setting("text (journald-aware) or json (one object per line)",
+                               default="text", parse=_log_format)
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
     @property
@@ -178,7 +269,7 @@ class _Builder:
         for name, f in fields.items():
             sub = (*path, name)
             if name not in data:
-                if f.default is dataclasses.MISSING:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     self.problem(path, f"missing required setting '{name}' ({f.metadata['help']})")
                 continue
             value = self.value(hints[name], f, data[name], sub)
@@ -204,6 +295,13 @@ class _Builder:
                 return parse(raw)
             if dataclasses.is_dataclass(base):
                 return self.build(base, raw, path)
+            if typing.get_origin(base) is dict:
+                item_type = typing.get_args(base)[1]
+                if not isinstance(raw, dict):
+                    raise ValueError(f"expected a mapping, got {_kind(raw)}")
+                items = {str(k): self.build(item_type, v, (*path, str(k)))
+                         for k, v in raw.items()}
+                return {k: v for k, v in items.items() if v is not None}
             if base is Path:
                 if not isinstance(raw, str) or not raw:
                     raise ValueError(f"expected a file path, got {_kind(raw)}")
@@ -297,34 +395,106 @@ def load_config(path: Path | str) -> Config:
         key=base / mqtt.key,
         ca=base / mqtt.ca if mqtt.ca is not None else None,
     )
-    return dataclasses.replace(config, mqtt=resolved, source=path)
+    return dataclasses.replace(config, mqtt=resolved, state_dir=base / config.state_dir,
+                               source=path)
 
 
 def check_files(config: Config) -> list[str]:
-    """Problems with the files the config names, one actionable line each (empty if fine)."""
+    """Problems with the files the config names, one actionable line each (empty if fine).
+
+    Checks what a running agent would trip over later: certificates and key readable, the key
+    private (mode 0600), every handler program present, executable and safe from tampering
+    (owned by root or by us, not writable by group or others, nor its directory).
+    """
+    lines = _source_lines(config)
+
+    def report(path: tuple[str, ...], message: str) -> None:
+        if config.source is None:
+            problems.append(f"{'.'.join(path)}: {message}")
+        else:
+            problems.append(f"{config.source}:{lines.value(path)}: {'.'.join(path)}: {message}")
+
     problems: list[str] = []
     mqtt = config.mqtt
-    for name, file in (("mqtt.cert", mqtt.cert), ("mqtt.key", mqtt.key), ("mqtt.ca", mqtt.ca)):
+    for name, file in (("cert", mqtt.cert), ("key", mqtt.key), ("ca", mqtt.ca)):
         if file is None:
             continue
-        try:
-            st = file.stat()
-            with file.open("rb"):
-                pass
-        except FileNotFoundError:
-            problems.append(f"{name}: file {file} does not exist: install it there or fix the path")
-            continue
-        except PermissionError:
-            problems.append(f"{name}: file {file} is not readable by uid {os.getuid()}: "
-                            "fix its owner or mode")
-            continue
-        except OSError as exc:
-            problems.append(f"{name}: file {file} cannot be read: {exc.strerror}")
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            problems.append(f"{name}: {file} is not a regular file")
-        elif name == "mqtt.key" and st.st_mode & 0o077:
-            problems.append(
-                f"{name}: private key {file} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}): run `chmod 600 {file}`")
+        st = _stat_readable(file, lambda m, n=name: report(("mqtt", n), m))
+        if st is not None and name == "key" and st.st_mode & 0o077:
+            report(("mqtt", name), f"private key {file} is accessible by group or others "
+                                   f"(mode {stat.S_IMODE(st.st_mode):04o}): run `chmod 600 {file}`")
+    for name, handler in config.handlers.items():
+        where = ("handlers", name, "command")
+        problem = handler_program_problem(handler.program)
+        if problem:
+            report(where, problem)
+        if handler.user is not None:
+            try:
+                pwd.getpwnam(handler.user)
+            except KeyError:
+                report(("handlers", name, "user"), f"no such user {handler.user!r}: create it "
+                                                   "or remove the setting")
+            else:
+                if os.geteuid() != 0 and pwd.getpwnam(handler.user).pw_uid != os.geteuid():
+                    report(("handlers", name, "user"),
+                           f"running handlers as {handler.user!r} needs the agent to run as root")
     return problems
+
+
+def handler_program_problem(program: Path) -> str | None:
+    """Why ``program`` must not be run as a handler (None if it is safe to run).
+
+    Anyone who can write the program or its directory can run code as the agent (root), so it
+    must be owned by root or by the agent's own user and be writable by nobody else.
+    """
+    try:
+        st = program.stat()
+    except FileNotFoundError:
+        return f"handler program {program} does not exist: install it or fix the path"
+    except OSError as exc:
+        return f"handler program {program} cannot be checked: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"handler program {program} is not a regular file"
+    if not os.access(program, os.X_OK):
+        return f"handler program {program} is not executable: run `chmod 755 {program}`"
+    trusted = {0, os.geteuid()}
+    for path, info in ((program, st), (program.parent, program.parent.stat())):
+        kind = "handler program" if path == program else "directory of handler program"
+        if info.st_uid not in trusted:
+            return (f"{kind} {path} is owned by uid {info.st_uid}, not root or the agent's user: "
+                    f"run `chown root {path}`")
+        sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if info.st_mode & 0o022 and not sticky:
+            return (f"{kind} {path} is writable by group or others "
+                    f"(mode {stat.S_IMODE(info.st_mode):04o}): run `chmod go-w {path}`")
+    return None
+
+
+def _stat_readable(file: Path, report: Callable[[str], None]) -> os.stat_result | None:
+    try:
+        st = file.stat()
+        with file.open("rb"):
+            pass
+    except FileNotFoundError:
+        report(f"file {file} does not exist: install it there or fix the path")
+        return None
+    except PermissionError:
+        report(f"file {file} is not readable by uid {os.getuid()}: fix its owner or mode")
+        return None
+    except OSError as exc:
+        report(f"file {file} cannot be read: {exc.strerror}")
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        report(f"{file} is not a regular file")
+        return None
+    return st
+
+
+def _source_lines(config: Config) -> _Lines:
+    if config.source is None:
+        return _Lines(None)
+    try:
+        return _Lines(yaml.compose(config.source.read_text(encoding="utf-8"),
+                                   Loader=yaml.SafeLoader))
+    except (OSError, yaml.YAMLError):
+        return _Lines(None)

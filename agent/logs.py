@@ -7,12 +7,13 @@ The package never calls ``basicConfig``: only the CLI configures logging.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
 
-__all__ = ["JournalFormatter", "configure_logging", "stderr_is_journal"]
+__all__ = ["JournalFormatter", "JsonFormatter", "configure_logging", "stderr_is_journal"]
 
 # syslog priorities, as sd-daemon(3) prefixes understood by journald
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
@@ -51,9 +52,27 @@ class JournalFormatter(logging.Formatter):
         return f"{stamp} {record.levelname} {record.name}: {message}"
 
 
-def configure_logging(level: int | str = logging.INFO) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers; ``key=value`` pairs are kept in ``msg``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info and record.exc_info[1] is not None:
+            entry["exc"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        return json.dumps(entry, ensure_ascii=False)
+
+    converter = time.gmtime
+
+
+def configure_logging(level: int | str = logging.INFO, *, json_lines: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JournalFormatter(stderr_is_journal()))
+    handler.setFormatter(JsonFormatter() if json_lines
+                         else JournalFormatter(stderr_is_journal()))
     root = logging.getLogger("agent")
     root.handlers[:] = [handler]
     root.setLevel(level)

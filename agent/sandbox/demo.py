@@ -1,25 +1,27 @@
-"""``iot-jobs-agent sandbox``: the whole local cloud, one command, no AWS account.
+"""``iot-jobs-agent sandbox``: the whole thing, locally, in one command, no AWS account.
 
 Starts certificates + mutual-TLS Mosquitto + the Jobs emulator, registers a sandbox thing, writes
-``DIR/agent.yaml`` (usable with every ``--config`` command) and ``DIR/sandbox.json`` (for scripts),
-queues a demo job and shows the device's view of it through the real Jobs client.
+``DIR/agent.yaml`` with the example handlers (usable with every ``--config`` command) and
+``DIR/sandbox.json`` (for scripts), starts the real agent as a separate process exactly as systemd
+would, queues a demo job and shows it being handled. ``--no-agent`` runs only the cloud side.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from agent.config import load_config
-from agent.connection import Connection
-from agent.jobs import JobsClient
+import yaml
+
 from agent.sandbox.stack import Stack
 
 __all__ = ["DEFAULT_SANDBOX_DIR", "SANDBOX_THING", "run_sandbox"]
@@ -28,58 +30,118 @@ log = logging.getLogger("agent.sandbox")
 
 DEFAULT_SANDBOX_DIR = Path(".sandbox")
 SANDBOX_THING = "sandbox-thing"
-DEMO_DOCUMENT = {"operation": "run-script", "args": ["echo", "hello from the sandbox"]}
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+DEMO_JOB = "demo-1"
+DEMO_DOCUMENT = {"operation": "run-script", "args": ["hello", "from the sandbox"]}
+HELLO = """#!/bin/sh
+# A device script the run-script handler may run (installed in SCRIPTS_DIR).
+echo "hello: $*"
+echo "job $JOB_ID, execution $EXECUTION_NUMBER, on $THING_NAME"
+"""
 
 
 def _say(message: str) -> None:
-    print(message, flush=True)
+    print(f"sandbox: {message}", flush=True)
 
 
-async def _device_view(config_path: Path) -> dict[str, Any]:
-    config = load_config(config_path)
-    connection = Connection(config.mqtt, config.client_id)
-    jobs = JobsClient(connection, request_timeout=config.mqtt.request_timeout)
-    async with connection:
-        return await jobs.get_pending_job_executions(thingName=config.thing_name)
+def _install(directory: Path) -> dict[str, Any]:
+    """Copy the example handlers where the agent's ownership/mode checks accept them."""
+    handlers = directory / "handlers"
+    scripts = directory / "scripts"
+    for sub in (handlers, scripts):
+        sub.mkdir(parents=True, exist_ok=True)
+        sub.chmod(0o755)
+    for source in sorted((EXAMPLES / "handlers").glob("*.sh")):
+        target = handlers / source.name
+        shutil.copyfile(source, target)
+        target.chmod(0o755)
+    hello = scripts / "hello"
+    hello.write_text(HELLO)
+    hello.chmod(0o755)
+    return {
+        "run-script": {"command": [str(handlers / "run-script.sh")], "timeout": "1m",
+                       "environment": {"SCRIPTS_DIR": str(scripts)}},
+        "download": {"command": [str(handlers / "download.sh")], "timeout": "5m",
+                     "environment": {"DOWNLOAD_DIR": str(directory / "downloads")}},
+    }
 
 
-def run_sandbox(directory: Path, *, once: bool) -> int:
+def _wait_terminal(stack: Stack, job_id: str, timeout: float) -> dict[str, Any] | None:
+    assert stack.emulator is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        execution = stack.emulator.execution(job_id, SANDBOX_THING)
+        if execution["status"] not in ("QUEUED", "IN_PROGRESS"):
+            return execution
+        time.sleep(0.2)
+    return None
+
+
+def run_sandbox(directory: Path, *, once: bool, agent: bool = True) -> int:
     directory = directory.resolve()
-    if (directory / "things").exists():
-        # A previous run's emulator state is gone with its process; stale configs would lie.
-        shutil.rmtree(directory / "things")
+    for stale in ("things", "state"):  # the emulator's state died with its last process
+        shutil.rmtree(directory / stale, ignore_errors=True)
     with Stack(directory) as stack:
         assert stack.broker is not None and stack.emulator is not None and stack.pki is not None
-        thing_config = stack.thing(SANDBOX_THING)
+        config = yaml.safe_load(stack.thing(SANDBOX_THING).read_text())
+        config.update(state_dir=str(directory / "state"), poll_interval="1m",
+                      progress_interval="1s", shutdown_grace="10s", kill_grace="3s",
+                      handlers=_install(directory))
         agent_yaml = directory / "agent.yaml"
-        agent_yaml.write_text(thing_config.read_text())
-        info = {
+        agent_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
+        identity = stack.pki.client(SANDBOX_THING)
+        (directory / "sandbox.json").write_text(json.dumps({
             "thing_name": SANDBOX_THING,
             "mqtt": {"endpoint": stack.broker.host, "port": stack.broker.port,
-                     "cert": str(stack.pki.client(SANDBOX_THING).cert),
-                     "key": str(stack.pki.client(SANDBOX_THING).key),
+                     "cert": str(identity.cert), "key": str(identity.key),
                      "ca": str(stack.pki.ca_cert)},
-        }
-        (directory / "sandbox.json").write_text(json.dumps(info, indent=2) + "\n")
-        _say(f"sandbox: mosquitto (mutual TLS) on {stack.broker.host}:{stack.broker.port}, "
+        }, indent=2) + "\n")
+        _say(f"mosquitto (mutual TLS) on {stack.broker.host}:{stack.broker.port}; "
              "Jobs emulator connected")
-        _say(f"sandbox: thing '{SANDBOX_THING}', agent config {agent_yaml}")
-        job_id = "demo-1"
-        stack.emulator.create_job(job_id, [SANDBOX_THING], DEMO_DOCUMENT)
-        _say(f"sandbox: queued job {job_id} {json.dumps(DEMO_DOCUMENT)}")
-        view = asyncio.run(_device_view(agent_yaml))
-        _say("sandbox: the device's pending jobs (iot-jobs-agent pending):")
-        _say(json.dumps(view, indent=2))
-        ok = [s["jobId"] for s in view["queuedJobs"]] == [job_id]
-        if once:
-            _say("sandbox: OK" if ok else "sandbox: FAILED: the demo job is not pending")
-            return 0 if ok else 1
-        _say(f"sandbox: running; try `iot-jobs-agent pending --config {agent_yaml}`. "
-             "Ctrl-C stops it.")
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        _say("sandbox: stopping")
-    sys.stdout.flush()
+        _say(f"thing {SANDBOX_THING}; agent config {agent_yaml}")
+        process = None
+        if agent:
+            cmd = [sys.executable, "-m", "agent", "run", "--config", str(agent_yaml)]
+            _say(f"starting the agent: {' '.join(cmd)}")
+            env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",
+                                                                    "JOURNAL_STREAM")}
+            process = subprocess.Popen(cmd, env=env)
+        try:
+            return _demo(stack, agent_yaml, process, once=once)
+        finally:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def _demo(stack: Stack, agent_yaml: Path, process: subprocess.Popen[bytes] | None, *,
+          once: bool) -> int:
+    assert stack.emulator is not None
+    ok = True
+    if process is not None:
+        stack.emulator.create_job(DEMO_JOB, [SANDBOX_THING], DEMO_DOCUMENT)
+        _say(f"queued job {DEMO_JOB}: {json.dumps(DEMO_DOCUMENT)}")
+        execution = _wait_terminal(stack, DEMO_JOB, 60)
+        if execution is None:
+            _say(f"job {DEMO_JOB} did not finish within 60 s")
+            ok = False
+        else:
+            _say(f"job {DEMO_JOB} ended {execution['status']}; statusDetails:")
+            print(json.dumps(execution.get("statusDetails", {}), indent=2), flush=True)
+            ok = execution["status"] == "SUCCEEDED"
+    if once:
+        _say("OK" if ok else "FAILED")
+        return 0 if ok else 1
+    _say(f"running. Try: iot-jobs-agent pending --config {agent_yaml}  (Ctrl-C stops)")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        if process is not None and process.poll() is not None:
+            _say(f"the agent exited with status {process.returncode}")
+            return 1
+    _say("stopping")
     return 0

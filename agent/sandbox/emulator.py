@@ -19,10 +19,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.sandbox.service import JobsService, Publish
-
 from agent.config import MqttConfig
 from agent.connection import Connection, ConnectionEvent
+from agent.sandbox.service import JobsService, Publish
 
 __all__ = ["Emulator"]
 
@@ -151,6 +150,14 @@ class Emulator:
     def inject_rejections(self, code: str, count: int,
                           operations: set[str] | None = None) -> None:
         self.call(lambda s: s.inject_rejections(code, count, operations))
+
+    def publish_raw(self, topic: str, payload: bytes) -> None:
+        """Publish arbitrary bytes as the service (tests: duplicate or malformed messages)."""
+        loop = self._loop
+        if loop is None or self._connection is None:
+            raise RuntimeError("emulator is not running")
+        connection = self._connection
+        loop.call_soon_threadsafe(connection.publish, topic, payload)
 
     def tick(self) -> None:
         """Apply timers now (tests that move a fake clock call this)."""

@@ -118,8 +118,9 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_check_files(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD))
-    assert [p.split(":")[0] for p in check_files(config)] == ["mqtt.cert", "mqtt.key",
-                                                              "mqtt.ca"]
+    path = tmp_path / "config.yaml"
+    assert [p.split(": ")[0:2] for p in check_files(config)] == [
+        [f"{path}:5", "mqtt.cert"], [f"{path}:6", "mqtt.key"], [f"{path}:7", "mqtt.ca"]]
     certs = tmp_path / "certs"
     certs.mkdir()
     for name in ("device.pem.crt", "private.pem.key", "AmazonRootCA1.pem"):

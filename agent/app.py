@@ -1,0 +1,166 @@
+"""The long-running agent: startup -> serve -> graceful shutdown (uvicorn's shape).
+
+Signal handlers only set an event; everything else happens on the loop. ``READY=1`` goes to
+systemd once the first connection is up and the pending jobs have been answered; ``WATCHDOG=1``
+is sent from the loop itself, so a wedged loop stops the pings and systemd restarts us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from agent.config import Config
+from agent.connection import Connection, ConnectionEvent
+from agent.dispatcher import Dispatcher
+from agent.errors import CertificateValidationException, ConfigError
+from agent.jobs import JobsClient
+from agent.systemd import Notifier
+
+__all__ = ["Agent"]
+
+log = logging.getLogger("agent.app")
+
+READY_TIMEOUT = 60.0  # below systemd's default TimeoutStartSec=90s
+
+
+class Agent:
+    """Runs the jobs of ``config.thing_name`` until SIGTERM/SIGINT; :meth:`serve` returns 0."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.notifier = Notifier()
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def request_stop(self, signum: int | None = None) -> None:
+        """Called from the signal handler: only record it (no I/O in a signal handler)."""
+        self._signals += 1
+        self._stop.set()
+
+    async def serve(self) -> int:
+        self._prepare_state_dir()
+        connection = Connection(self.config.mqtt, self.config.client_id)
+        jobs = JobsClient(connection, request_timeout=self.config.mqtt.request_timeout,
+                          max_concurrent_requests=max(4, self.config.max_concurrent_jobs + 2))
+        # Under systemd, per-job logs go where LogsDirectory= points; else under state_dir.
+        job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")
+                        or Path(self.config.state_dir) / "logs")
+        dispatcher = Dispatcher(self.config, jobs, job_logs=job_logs,
+                                on_change=lambda: self._status(dispatcher))
+        jobs.open_streams(self.config.thing_name)
+        connection.add_listener(lambda ev: self._on_connection(ev, dispatcher))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+        log.info("starting thing=%s handlers=%s state_dir=%s max_concurrent_jobs=%d",
+                 self.config.thing_name, ",".join(sorted(self.config.handlers)) or "-",
+                 self.config.state_dir, self.config.max_concurrent_jobs)
+        connection.start()
+        self._spawn(dispatcher.run(), "agent.dispatcher")
+        self._spawn(self._pump_events(jobs, dispatcher), "agent.events")
+        self._spawn(self._ready_when_synced(dispatcher), "agent.ready")
+        self._spawn(self._watchdog(), "agent.watchdog")
+        await self._stop.wait()
+        log.info("stopping: no new jobs; running=%d grace=%.0fs", len(dispatcher.running),
+                 self.config.shutdown_grace)
+        self.notifier.stopping(f"stopping, {len(dispatcher.running)} job(s) running")
+        await dispatcher.shutdown(self.config.shutdown_grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await connection.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+        return 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _prepare_state_dir(self) -> None:
+        base = Path(self.config.state_dir)
+        try:
+            for sub in (base, base / "jobs", base / "logs"):
+                sub.mkdir(mode=0o700, parents=True, exist_ok=True)
+            probe = base / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"state_dir {base} is not usable ({exc.strerror}): create it, "
+                              f"writable by uid {os.geteuid()}, or set state_dir") from None
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        task.set_name(name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.critical("internal task %s died: %s: %s; stopping", task.get_name(),
+                     type(exc).__name__, exc)
+        self._stop.set()
+
+    def _on_connection(self, event: ConnectionEvent, dispatcher: Dispatcher) -> None:
+        if event.kind == "connected":
+            self.notifier.status("connected; syncing jobs")
+            dispatcher.wake("connected")
+        elif event.kind == "disconnected":
+            self.notifier.status("disconnected; reconnecting")
+        elif event.kind == "failed" and isinstance(event.error, CertificateValidationException):
+            log.error("%s", event.error)
+            self.notifier.status("TLS handshake refused; check the certificate (see log)")
+
+    async def _pump_events(self, jobs: JobsClient, dispatcher: Dispatcher) -> None:
+        """Notifications (and re-established streams) are a doorbell for a sync."""
+        async for event in jobs.events():
+            if event.kind in ("notify", "notify-next", "subscribed"):
+                dispatcher.wake(event.kind)
+
+    async def _ready_when_synced(self, dispatcher: Dispatcher) -> None:
+        """READY=1 once connected and the pending jobs are answered.
+
+        A device that boots offline must not hold up ``multi-user.target`` (which orders itself
+        after the units it wants) or be restarted by ``TimeoutStartSec=``: after
+        :data:`READY_TIMEOUT` the agent declares itself ready anyway, saying it is offline, and
+        keeps connecting.
+        """
+        try:
+            await asyncio.wait_for(dispatcher.synced.wait(), READY_TIMEOUT)
+        except TimeoutError:
+            log.warning("not connected after %.0fs; reporting ready and still trying",
+                        READY_TIMEOUT)
+            self.notifier.ready("offline: still connecting (see log)")
+            await dispatcher.synced.wait()
+        log.info("ready thing=%s", self.config.thing_name)
+        self.notifier.ready(self._describe(dispatcher))
+
+    async def _watchdog(self) -> None:
+        """Ping systemd from the loop: if the loop wedges, the pings stop."""
+        interval = self.notifier.interval
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval / 2)
+
+    def _describe(self, dispatcher: Dispatcher) -> str:
+        running = [f"{k[0]}#{k[1]}" for k in dispatcher.running]
+        return f"running {', '.join(running)}" if running else "idle, waiting for jobs"
+
+    def _status(self, dispatcher: Dispatcher) -> None:
+        self.notifier.status(self._describe(dispatcher))
+
+
+async def run_agent(config: Config) -> int:
+    agent = Agent(config)
+    with contextlib.suppress(asyncio.CancelledError):
+        return await agent.serve()
+    return 0

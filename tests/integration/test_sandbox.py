@@ -1,0 +1,31 @@
+"""The README's first command, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import check_files, load_config
+
+pytestmark = pytest.mark.broker
+
+
+def test_sandbox_once_runs_the_demo_job_end_to_end(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "agent", "sandbox", "--dir", str(tmp_path),
+                           "--once"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "job demo-1 ended SUCCEEDED" in proc.stdout
+    assert "hello: from the sandbox" in proc.stdout  # the example handler really ran
+    assert "sandbox: OK" in proc.stdout
+    # What it leaves behind works with every --config command.
+    config = load_config(tmp_path / "agent.yaml")
+    assert check_files(config) == []
+    assert set(config.handlers) == {"run-script", "download"}
+    info = json.loads((tmp_path / "sandbox.json").read_text())
+    assert info["thing_name"] == config.thing_name
+    assert info["mqtt"]["port"] == config.mqtt.port
+    assert (tmp_path / "state" / "logs" / "demo-1.1.log").exists()

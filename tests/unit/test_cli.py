@@ -1,0 +1,120 @@
+"""The command line as a user meets it: check-config, run with a bad config, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+
+
+def setup_files(tmp_path: Path) -> dict[str, object]:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("device.crt", "device.key", "ca.pem"):
+        (certs / name).write_text("x")
+    (certs / "device.key").chmod(0o600)
+    handlers = tmp_path / "handlers"
+    handlers.mkdir(mode=0o755)
+    program = handlers / "ok.sh"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    return {
+        "thing_name": "t1",
+        "mqtt": {"endpoint": "127.0.0.1", "port": 8883, "cert": "certs/device.crt",
+                 "key": "certs/device.key", "ca": "certs/ca.pem"},
+        "state_dir": str(tmp_path / "state"),
+        "handlers": {"ok": {"command": [str(program)], "timeout": "1m"}},
+    }
+
+
+def write(tmp_path: Path, data: dict[str, object]) -> Path:
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_check_config_ok(tmp_path: Path) -> None:
+    proc = cli("check-config", "--config", str(write(tmp_path, setup_files(tmp_path))))
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout and "handlers: ok" in proc.stdout
+
+
+def test_check_config_lists_every_problem_with_lines(tmp_path: Path) -> None:
+    data = setup_files(tmp_path)
+    data["handlers"] = {
+        "ok": {"command": ["relative.sh"], "timeout": "soon", "colour": "red"},
+        "shell": {"command": "echo hi; rm -rf /"},
+    }
+    data["max_concurrent_jobs"] = 0
+    path = write(tmp_path, data)
+    proc = cli("check-config", "--config", str(path))
+    assert proc.returncode == 78
+    lines = proc.stderr.strip().splitlines()
+    assert all(line.startswith(f"{path}:") for line in lines), lines
+    text = proc.stderr
+    assert "handlers.ok.command: the program must be an absolute path" in text
+    assert "handlers.ok.timeout: expected a duration" in text
+    assert "handlers.ok.colour: unknown setting" in text
+    assert "handlers.shell.command: expected a list" in text and "never run through a shell" in text
+    assert "max_concurrent_jobs: expected a whole number of at least 1" in text
+    assert len(lines) == 5
+    assert "Traceback" not in text
+
+
+def test_permission_refusals(tmp_path: Path) -> None:
+    data = setup_files(tmp_path)
+    program = Path(data["handlers"]["ok"]["command"][0])  # type: ignore[index]
+    program.chmod(0o775)  # group-writable: anyone in the group could run code as the agent
+    (tmp_path / "certs" / "device.key").chmod(0o644)
+    path = write(tmp_path, data)
+    proc = cli("check-config", "--config", str(path))
+    assert proc.returncode == 78
+    assert "mqtt.key: private key" in proc.stderr and "chmod 600" in proc.stderr
+    assert f"handlers.ok.command: handler program {program} is writable by group or others" \
+        in proc.stderr
+    # `run` refuses too, with the same words, before connecting anywhere.
+    run = cli("run", "--config", str(path))
+    assert run.returncode == 78
+    assert run.stderr.startswith("ConfigError: ")
+    assert "chmod go-w" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_missing_handler_program(tmp_path: Path) -> None:
+    data = setup_files(tmp_path)
+    data["handlers"]["missing"] = {"command": ["/nonexistent/handler.sh"]}  # type: ignore[index]
+    proc = cli("check-config", "--config", str(write(tmp_path, data)))
+    assert proc.returncode == 78
+    assert "handler program /nonexistent/handler.sh does not exist" in proc.stderr
+
+
+def test_run_with_unusable_state_dir_exits_78(tmp_path: Path) -> None:
+    data = setup_files(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    data["state_dir"] = str(blocker / "sub")
+    proc = cli("run", "--config", str(write(tmp_path, data)))
+    assert proc.returncode == 78
+    assert proc.stderr.startswith("ConfigError: state_dir")
+
+
+def test_example_config_covers_every_setting() -> None:
+    """config/agent.yaml documents every key the agent accepts."""
+    import dataclasses
+
+    from agent.config import Config, HandlerConfig, MqttConfig
+
+    data = yaml.safe_load((ROOT / "config" / "agent.yaml").read_text())
+    top = {f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+    assert set(data) == top
+    assert set(data["mqtt"]) == {f.name for f in dataclasses.fields(MqttConfig)}
+    seen = set().union(*(h.keys() for h in data["handlers"].values()))
+    assert seen == {f.name for f in dataclasses.fields(HandlerConfig)}
