@@ -1,19 +1,14 @@
 """Run one job execution's handler program and say how it ended.
 
-A handler is untrusted in every way that matters to a daemon: it may flood its output, ignore
-SIGTERM, leave grandchildren behind or never read its stdin. So that none of this can hang the
-agent, grow its memory or leak the agent's own environment and files:
-
-* no shell and a clean environment: a job document cannot inject commands or read our secrets;
-* its own session (so its own process group): a timeout or a cancel reaches every process it
-  started, and a Ctrl-C aimed at the agent does not reach it behind the agent's back;
-* output is consumed by protocol callbacks the moment it arrives, on both pipes at once; only
-  a 4 KiB head and tail stay in memory and the log file takes the rest up to a cap;
-* the exit status comes from the child watcher, not from the pipes closing: Python 3.11's
-  ``Process.wait()`` also waits for every pipe, which a grandchild can hold open forever.
-
-Nothing here raises for a handler's misbehaviour or a failure to start: every run ends in a
-:class:`RunResult`, which :func:`status_details` turns into a final status the service accepts.
+A handler may flood its output, ignore SIGTERM, leave grandchildren behind or never read stdin;
+none of that may hang the agent, grow its memory or expose the agent's environment and files.
+Hence: no shell and a clean environment; a session (so a process group) of its own, so that
+stopping it reaches everything it started; output consumed by protocol callbacks as it arrives
+on both pipes, keeping only a 4 KiB head and tail in memory; and the exit status taken from the
+child watcher, because Python 3.11's ``Process.wait()`` also waits for the pipes to close, which
+a grandchild can delay forever. Nothing raises for a handler's misbehaviour or a failure to
+start: every run ends in a :class:`RunResult`, and :func:`status_details` makes it a statusDetails
+map the Jobs service accepts whatever the handler printed.
 """
 
 from __future__ import annotations
@@ -39,30 +34,18 @@ from typing import Any, BinaryIO, Literal
 
 from agent.errors import AgentError
 
-__all__ = [
-    "DOCUMENT_FILE",
-    "PROGRESS_FD",
-    "SAFE_PATH",
-    "HandlerProcess",
-    "RunRequest",
-    "RunResult",
-    "format_duration",
-    "run_handler",
-    "sanitize_detail",
-    "status_details",
-]
+__all__ = ["DOCUMENT_FILE", "PROGRESS_FD", "SAFE_PATH", "HandlerProcess", "RunRequest",
+           "RunResult", "format_duration", "run_handler", "sanitize_detail", "status_details"]
 
 log = logging.getLogger("agent.runner")
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROGRESS_FD = 3
 DOCUMENT_FILE = "job-document.json"
-HEAD_BYTES = TAIL_BYTES = 4096
-MAX_PROGRESS_LINE = 4096
+HEAD_BYTES = TAIL_BYTES = MAX_PROGRESS_LINE = 4096
 DRAIN_GRACE = 2.0
 """Seconds the output may stay open after the handler exited before its group is killed."""
 MAX_DETAIL_VALUE = 1024
-_ELLIPSIS = "\u2026"
 _BAD_KEY_CHARS = re.compile(r"[^a-zA-Z0-9:_-]")
 
 ProgressCallback = Callable[[dict[str, str]], None]
@@ -75,13 +58,13 @@ class RunRequest:
     thing_name: str
     argv: list[str]
     document: dict[str, Any]
-    work_dir: Path
-    log_path: Path
+    work_dir: Path  # created if missing
+    log_path: Path  # full output appended here (parent created if missing)
     timeout: float | None = None
     kill_grace: float = 10.0
     user: str | None = None
     environment: dict[str, str] = field(default_factory=dict)
-    max_log_bytes: int = 10 * 1024 * 1024
+    max_log_bytes: int = 10 * 1024 * 1024  # of handler output per run; the rest is only counted
 
 
 @dataclass(frozen=True)
@@ -93,56 +76,45 @@ class RunResult:
     pid: int | None
     duration: float
     output_head: str
-    output_tail: str
+    output_tail: str  # the output after the head: empty if it all fit in the head
     output_bytes: int
     started: float = 0.0  # time.monotonic() at spawn
     ended: float = 0.0  # time.monotonic() when the handler exited
 
 
 class _Output:
-    """Combined stdout+stderr: appended to the log up to a cap, summarized by a head and tail.
+    """Combined stdout+stderr, logged up to a cap and summarized by a head and a tail. Fed by the
+    transports' callbacks, so a flood costs CPU and capped disk but never memory."""
 
-    Fed synchronously from the transports' callbacks, so a flood costs CPU and capped disk but
-    never memory: no chunk is kept beyond the call that delivers it.
-    """
-
-    def __init__(self, log_file: BinaryIO | None, cap: int) -> None:
-        self.log_file = log_file
-        self.cap = max(0, cap)
-        self.total = self.logged = 0
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.dropping = False
-        self.line_start = True
+    def __init__(self, cap: int) -> None:
+        self.log_file: BinaryIO | None = None
+        self.cap, self.total, self.logged = max(0, cap), 0, 0
+        self.head, self.tail = bytearray(), bytearray()
+        self.dropping, self.line_start = False, True
 
     def feed(self, data: bytes) -> None:
         self.total += len(data)
         room = HEAD_BYTES - len(self.head)
-        rest = data
-        if room > 0:
-            self.head += data[:room]
-            rest = data[room:]
+        rest = data[room:] if room > 0 else data
+        self.head += data[:room] if room > 0 else b""
         if len(rest) >= TAIL_BYTES:
             self.tail[:] = rest[-TAIL_BYTES:]
         elif rest:
             self.tail += rest
             del self.tail[:-TAIL_BYTES]
-        if self.logged < self.cap:
-            part = data[: self.cap - self.logged]
-            self.logged += len(part)
-            self.write(part)
-            if len(part) == len(data):
-                return
-        if not self.dropping:
+        part = data[: self.cap - self.logged]
+        self.logged += len(part)
+        self.write(part)
+        if len(part) < len(data) and not self.dropping:
             self.dropping = True
             self.note(f"[iot-jobs-agent: output beyond {self.cap} bytes is counted, not logged]")
 
     def note(self, line: str) -> None:
-        """A line of our own in the log, on a line of its own."""
-        self.write(("" if self.line_start else "\n").encode() + f"{line}\n".encode())
+        """A line of our own, starting on a fresh line whatever the handler left."""
+        self.write(("" if self.line_start else "\n").encode() + line.encode() + b"\n")
 
     def write(self, data: bytes) -> None:
-        """Write to the log; a full or broken disk must cost the log, never the run."""
+        """Buffered file writes; a full or broken disk costs the log, never the run."""
         if self.log_file is None or not data:
             return
         try:
@@ -153,22 +125,13 @@ class _Output:
         self.line_start = data.endswith(b"\n")
 
     def texts(self) -> tuple[str, str]:
-        """Head and tail as text, without a replacement character where only the cut split one.
-
-        A character split between head and tail is decoded whole when nothing was skipped
-        between them; otherwise the tail's leading continuation bytes are dropped.
-        """
+        """Head and tail, without a replacement character where only our cut split a character:
+        one stream when contiguous, else the tail's leading continuation bytes are dropped."""
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        if not self.tail:
-            return decoder.decode(bytes(self.head), final=True), ""
-        head = decoder.decode(bytes(self.head))
-        tail = bytes(self.tail)
+        head, tail = decoder.decode(bytes(self.head), final=not self.tail), bytes(self.tail)
         if self.total > len(self.head) + len(tail):
             decoder.reset()
-            skip = 0
-            while skip < min(3, len(tail)) and tail[skip] & 0xC0 == 0x80:
-                skip += 1
-            tail = tail[skip:]
+            tail = tail.lstrip(bytes(range(0x80, 0xC0)))
         return head, decoder.decode(tail, final=True)
 
 
@@ -176,17 +139,14 @@ class _ProgressReader(asyncio.Protocol):
     """Splits the progress pipe into lines; an overlong line is skipped, never buffered."""
 
     def __init__(self, report: Callable[[bytes], None], closed: Callable[[], None]) -> None:
-        self.report = report
-        self.closed = closed
-        self.buffer = bytearray()
-        self.skipping = False
+        self.report, self.closed = report, closed
+        self.buffer, self.skipping = bytearray(), False
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         start = 0
         while (end := self.buffer.find(b"\n", start)) >= 0:
-            line = bytes(self.buffer[start:end])
-            start = end + 1
+            line, start = bytes(self.buffer[start:end]), end + 1
             if self.skipping or len(line) > MAX_PROGRESS_LINE:
                 log.debug("progress line longer than %d bytes ignored", MAX_PROGRESS_LINE)
                 self.skipping = False
@@ -200,54 +160,41 @@ class _ProgressReader(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.buffer and not self.skipping:
             self.report(bytes(self.buffer))
-        self.buffer.clear()
         self.closed()
 
 
 class _HandlerProtocol(asyncio.SubprocessProtocol):
-    def __init__(self, output: _Output, pipe_closed: Callable[[], None],
-                 exited: Callable[[], None]) -> None:
-        self.output = output
-        self.pipe_closed = pipe_closed
-        self.exited = exited
+    def __init__(self, process: HandlerProcess) -> None:
+        self.process = process
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
-        self.output.feed(data)
+        self.process._output.feed(data)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd in (1, 2):
-            self.pipe_closed()
+            self.process._pipe_closed()
 
     def process_exited(self) -> None:
-        self.exited()
+        self.process._ended = time.monotonic()
+        self.process._exited.set()
 
 
-@dataclass(frozen=True)
-class _Identity:
-    uid: int
-    gid: int
-    home: str | None
-    switch: bool  # whether Popen must change user (only as root)
-    groups: list[int]
-
-
-def _identity(user: str | None) -> _Identity:
+def _identity(user: str | None) -> tuple[str | None, dict[str, Any]]:
+    """The run user's home and the Popen arguments that switch to it ({} to stay as we are)."""
     euid = os.geteuid()
-    if user is None:
-        with contextlib.suppress(KeyError):
-            return _Identity(euid, os.getegid(), pwd.getpwuid(euid).pw_dir, False, [])
-        return _Identity(euid, os.getegid(), None, False, [])
     try:
-        entry = pwd.getpwnam(user)
+        entry = pwd.getpwuid(euid) if user is None else pwd.getpwnam(user)
     except KeyError:
+        if user is None:
+            return None, {}
         raise AgentError(f"cannot run as user {user!r}: no such user") from None
     if entry.pw_uid == euid:
-        return _Identity(euid, os.getegid(), entry.pw_dir, False, [])
+        return entry.pw_dir, {}
     if euid != 0:
         raise AgentError(f"cannot run as user {user!r}: the agent runs as uid {euid}, and only "
                          f"root can switch users")
     groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
-    return _Identity(entry.pw_uid, entry.pw_gid, entry.pw_dir, True, groups)
+    return entry.pw_dir, {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
 
 
 def _parse_progress(line: bytes) -> dict[str, str] | None:
@@ -266,19 +213,17 @@ def _describe_exit(code: int) -> str:
     if code >= 0:
         return f"exit code {code}"
     try:
-        name = signal.Signals(-code).name
+        return f"killed by signal {-code} ({signal.Signals(-code).name})"
     except ValueError:
         return f"killed by signal {-code}"
-    return f"killed by signal {-code} ({name})"
 
 
 class HandlerProcess:
-    """One handler run. ``start()``, then ``wait()``; ``cancel()`` at any time from any task.
+    """One handler run: ``start()``, then ``wait()``; ``cancel()`` at any time, from any task.
 
-    A supervisor task owns the process from ``start()`` on, so the timeout is enforced even while
+    A supervisor task owns the process from ``start()`` on, so the timeout holds even while
     nobody awaits ``wait()``, and cancelling a task blocked in ``wait()`` or ``cancel()`` leaves
-    the handler supervised. If the supervisor itself is cancelled (the loop is shutting down),
-    it SIGKILLs the group rather than leave an unsupervised handler behind.
+    the handler supervised. A cancelled supervisor (the loop is closing) SIGKILLs the group.
     """
 
     def __init__(self, request: RunRequest,
@@ -288,16 +233,13 @@ class HandlerProcess:
         self._pid: int | None = None
         self._result: RunResult | None = None
         self._begun = False
+        self._ready = asyncio.Event()  # start() has finished, whichever way
         self._supervisor: asyncio.Task[RunResult] | None = None
-        self._stop_reason: tuple[str, str] | None = None
-        self._stop = asyncio.Event()
-        self._exited = asyncio.Event()
-        self._pipes_closed = asyncio.Event()
+        self._stop_reason: tuple[str, str] | None = None  # (outcome, reason) if we stop it
+        self._stop, self._exited, self._pipes_closed = (asyncio.Event() for _ in range(3))
         self._open_pipes = 3  # stdout, stderr, progress
         self._started = self._ended = 0.0
-        self._ready = asyncio.Event()  # start() has finished, whichever way
-        self._log: BinaryIO | None = None
-        self._output = _Output(None, request.max_log_bytes)
+        self._output = _Output(request.max_log_bytes)
         self._transport: asyncio.SubprocessTransport | None = None
         self._progress: asyncio.ReadTransport | None = None
 
@@ -308,54 +250,53 @@ class HandlerProcess:
 
     @property
     def running(self) -> bool:
-        """True from spawn until the result is known (pipes drained, group cleaned up)."""
+        """True from spawn until the result is known (output drained, group cleaned up)."""
         return self._supervisor is not None and not self._supervisor.done()
 
     async def start(self) -> None:
-        """Spawn the handler; any failure becomes a ``not_started`` result (see ``wait()``)."""
+        """Spawn the handler; a failure to spawn is a ``not_started`` result, never an exception."""
         if self._begun:
             return
         self._begun = True
+        self._started = self._ended = time.monotonic()
         try:
-            await self._start()
+            if self._stop_reason is None:
+                await self._spawn(*self._prepare())
+            else:
+                self._conclude(self._unrun(*self._stop_reason))
+        except AgentError as exc:
+            self._conclude(self._unrun("not_started", exc.message))
+        except asyncio.CancelledError:  # no supervisor yet: nothing else would ever stop it
+            self._signal(signal.SIGKILL)
+            self._conclude(self._unrun("canceled", "start() was cancelled"))
+            raise
         finally:
             self._ready.set()
 
-    async def _start(self) -> None:
+    def _unrun(self, outcome: str, reason: str) -> RunResult:
+        return RunResult(outcome, reason, None, None, self._pid, 0.0, "", "", 0, self._started,
+                         self._started)
+
+    def _prepare(self) -> tuple[dict[str, str], dict[str, Any], bytes]:
+        """Log file; 0700 work dir and 0600 document file, both owned by the run user.
+
+        Changing the directory through an O_NOFOLLOW descriptor and recreating the file with
+        O_EXCL means a run user who owned the directory before cannot turn root's chmod, chown or
+        write onto another file with a symlink or a hard link.
+        """
         req = self.request
-        self._started = self._ended = time.monotonic()
-        if self._stop_reason is not None:
-            self._finish_early(*self._stop_reason)
-            return
         try:
             req.log_path.parent.mkdir(parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            self._log = os.fdopen(os.open(req.log_path, flags, 0o600), "ab")
-            self._output.log_file = self._log
+            self._output.log_file = os.fdopen(os.open(req.log_path, flags, 0o600), "ab")
         except OSError as exc:
-            self._finish_early("not_started", f"cannot open log {req.log_path}: "
-                                              f"{exc.strerror or exc}")
-            return
+            raise AgentError(f"cannot open log {req.log_path}: {exc.strerror or exc}") from None
         self._write_log(f"start job {req.job_id} execution {req.execution_number}: "
                         f"{shlex.join(req.argv)}")
-        try:
-            if not req.argv:
-                raise AgentError("no handler command configured")
-            ident = _identity(req.user)
-            document = self._prepare(ident)
-        except AgentError as exc:
-            self._finish_early("not_started", exc.message)
-            return
-        await self._spawn(ident, document)
-
-    def _prepare(self, ident: _Identity) -> bytes:
-        """Create the 0700 work dir and the 0600 document file, both owned by the run user.
-
-        The directory is changed through an O_NOFOLLOW descriptor and the file is recreated with
-        O_EXCL, so a run user who owned this directory before cannot redirect root's chmod,
-        chown or write onto another file with a symlink or hard link.
-        """
-        req = self.request
+        if not req.argv:
+            raise AgentError("no handler command configured")
+        home, user = _identity(req.user)
+        owner = (user["user"], user["group"]) if user else None
         try:
             document = (json.dumps(req.document, ensure_ascii=False) + "\n").encode()
         except (TypeError, ValueError) as exc:
@@ -365,8 +306,8 @@ class HandlerProcess:
             fd = os.open(req.work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.fchmod(fd, 0o700)
-                if ident.switch:
-                    os.fchown(fd, ident.uid, ident.gid)
+                if owner:
+                    os.fchown(fd, *owner)
             finally:
                 os.close(fd)
             path = req.work_dir / DOCUMENT_FILE
@@ -374,84 +315,60 @@ class HandlerProcess:
                 path.unlink()
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             with os.fdopen(os.open(path, flags, 0o600), "wb") as file:
-                if ident.switch:
-                    os.fchown(file.fileno(), ident.uid, ident.gid)
+                if owner:
+                    os.fchown(file.fileno(), *owner)
                 file.write(document)
         except OSError as exc:
             where = exc.filename or req.work_dir
             raise AgentError(f"cannot prepare work dir: {where}: {exc.strerror or exc}") from None
-        return document
+        # The whole environment: configured variables may replace PATH/LANG/HOME, never JOB_*.
+        env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8",
+               "HOME": home if home and os.path.isdir(home) else str(req.work_dir),
+               **req.environment, "JOB_ID": req.job_id, "THING_NAME": req.thing_name,
+               "EXECUTION_NUMBER": str(req.execution_number), "JOB_WORK_DIR": str(req.work_dir),
+               "JOB_DOCUMENT": str(path), "JOB_PROGRESS_FD": str(PROGRESS_FD)}
+        return env, user, document
 
-    def _environment(self, ident: _Identity) -> dict[str, str]:
-        """The whole environment; configured variables may replace PATH/LANG/HOME, not JOB_*."""
-        req = self.request
-        home = ident.home if ident.home and os.path.isdir(ident.home) else str(req.work_dir)
-        env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": home, **req.environment}
-        env.update(JOB_ID=req.job_id, THING_NAME=req.thing_name,
-                   EXECUTION_NUMBER=str(req.execution_number),
-                   JOB_DOCUMENT=str(req.work_dir / DOCUMENT_FILE), JOB_WORK_DIR=str(req.work_dir),
-                   JOB_PROGRESS_FD=str(PROGRESS_FD))
-        return env
-
-    async def _spawn(self, ident: _Identity, document: bytes) -> None:
-        req = self.request
-        loop = asyncio.get_running_loop()
-        output = self._output
-        program = req.argv[0]
-        # Popen would search PATH for a bare name; "./name" is what execve itself would run.
+    async def _spawn(self, env: dict[str, str], user: dict[str, Any], document: bytes) -> None:
+        req, loop, program = self.request, asyncio.get_running_loop(), self.request.argv[0]
+        # Popen searches PATH for a bare name; "./name" is what execve itself would run.
         executable = program if "/" in program else os.path.join(os.curdir, program)
-        user_args: dict[str, Any] = {}
-        if ident.switch:
-            user_args = {"user": ident.uid, "group": ident.gid, "extra_groups": ident.groups}
         read_end, write_end = os.pipe()
-        # pass_fds keeps fd numbers, and ours is wherever os.pipe() put it; only a dup2 in the
-        # child can promise handlers fd 3. A preexec_fn forbids vfork and, with other threads
-        # running, is only safe for code that takes no locks: one dup2 syscall is such code.
+        # pass_fds keeps fd numbers and os.pipe() picks ours, so only a dup2 in the child can
+        # promise handlers fd 3. preexec_fn is unsafe with threads only for code that takes locks
+        # after fork; a single dup2 syscall takes none.
         move = None if write_end == PROGRESS_FD else functools.partial(os.dup2, write_end,
                                                                         PROGRESS_FD)
-        failure: Exception | None = None
         try:
             self._transport, _ = await loop.subprocess_exec(
-                lambda: _HandlerProtocol(output, self._pipe_closed, self._process_exited),
-                program, *req.argv[1:], executable=executable, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=req.work_dir,
-                env=self._environment(ident), close_fds=True, pass_fds=(PROGRESS_FD,),
-                preexec_fn=move, start_new_session=True, **user_args)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            failure = exc
-        except BaseException:
+                lambda: _HandlerProtocol(self), program, *req.argv[1:], executable=executable,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=req.work_dir, env=env, close_fds=True,
+                pass_fds=(PROGRESS_FD,), preexec_fn=move, start_new_session=True, **user)
+        except BaseException as exc:
             os.close(read_end)
-            raise
+            if not isinstance(exc, OSError | ValueError | subprocess.SubprocessError):
+                raise
+            where = getattr(exc, "filename", None)  # Popen names the executable or the cwd
+            detail = (getattr(exc, "strerror", None) or str(exc)) + (
+                f" ({where})" if where not in (None, program) else "")
+            raise AgentError(f"cannot start {program}: {detail}") from None
         finally:
             os.close(write_end)
-        if failure is not None:
-            os.close(read_end)
-            detail = str(failure)
-            if isinstance(failure, OSError):
-                detail = failure.strerror or detail
-                if failure.filename not in (None, program):
-                    detail = f"{detail} ({failure.filename})"
-            self._finish_early("not_started", f"cannot start {program}: {detail}")
-            return
         self._pid = self._transport.get_pid()
         self._progress, _ = await loop.connect_read_pipe(
             lambda: _ProgressReader(self._report_progress, self._pipe_closed),
             os.fdopen(read_end, "rb", buffering=0))
         stdin = self._transport.get_pipe_transport(0)
-        if stdin is not None and not stdin.is_closing():
-            stdin.write(document)  # buffered by the transport; never blocks on the handler
+        if isinstance(stdin, asyncio.WriteTransport) and not stdin.is_closing():
+            stdin.write(document)  # buffered by the transport, whether the handler reads or not
             stdin.close()
-        log.debug("handler spawned job_id=%s pid=%s", req.job_id, self._pid)
         self._supervisor = asyncio.create_task(self._supervise(), name=f"handler:{req.job_id}")
 
     def _pipe_closed(self) -> None:
         self._open_pipes -= 1
         if self._open_pipes <= 0:
             self._pipes_closed.set()
-
-    def _process_exited(self) -> None:
-        self._ended = time.monotonic()
-        self._exited.set()
 
     def _report_progress(self, line: bytes) -> None:
         values = _parse_progress(line)
@@ -465,8 +382,7 @@ class HandlerProcess:
 
     async def wait(self) -> RunResult:
         """The result, once the handler exited and its output is drained (starts it if needed)."""
-        if not self._begun:
-            await self.start()
+        await self.start()
         await self._ready.wait()  # another task may still be inside start()
         if self._supervisor is None:
             assert self._result is not None
@@ -474,12 +390,9 @@ class HandlerProcess:
         return await asyncio.shield(self._supervisor)
 
     async def cancel(self, reason: str) -> None:
-        """TERM the group, KILL it after ``kill_grace``; returns once the run is over.
-
-        ``reason`` becomes the result's reason with outcome ``canceled`` while the handler still
-        runs; once it has exited its own outcome stands and this only stops the draining.
-        Before ``start()``, the run is canceled without spawning.
-        """
+        """TERM the group, KILL it after ``kill_grace``; returns once the run is over. The outcome
+        becomes ``canceled`` unless the handler had already exited (then this only cuts the
+        draining short). Before ``start()``, nothing will be spawned."""
         if self._result is not None:
             return
         if self._stop_reason is None and not self._exited.is_set():
@@ -502,19 +415,29 @@ class HandlerProcess:
             if not self._pipes_closed.is_set():
                 await _any_of(DRAIN_GRACE, self._pipes_closed, self._stop)
             if not self._pipes_closed.is_set():
-                log.warning("handler exited but its processes keep its output open, killing its "
-                            "group job_id=%s pid=%s", req.job_id, self._pid)
+                log.warning("handler exited, its output is still held open: killing its group "
+                            "job_id=%s pid=%s", req.job_id, self._pid)
                 self._signal(signal.SIGKILL)
-                await _any_of(1.0, self._pipes_closed)
+                await _any_of(1.0, self._pipes_closed)  # a process that left the group may stay
         except asyncio.CancelledError:
             self._signal(signal.SIGKILL)
             self._close()
             raise
-        return self._finish()
+        assert self._transport is not None
+        code = self._transport.get_returncode()
+        assert code is not None
+        outcome, reason = self._stop_reason or ("failed" if code else "succeeded",
+                                                _describe_exit(code))
+        head, tail = self._output.texts()
+        return self._conclude(RunResult(
+            outcome, reason, exit_code=code if code >= 0 else None,
+            signal=-code if code < 0 else None, pid=self._pid, duration=self._ended - self._started,
+            output_head=head, output_tail=tail, output_bytes=self._output.total,
+            started=self._started, ended=self._ended))
 
     async def _terminate(self) -> None:
-        """TERM to the group; KILL whatever is left once the leader exited and every pipe closed,
-        or after ``kill_grace`` (so an obedient group is not kept waiting the full grace)."""
+        """TERM the group, then KILL what is left once the leader exited and the pipes closed, or
+        after ``kill_grace``: a group that obeys TERM is not kept waiting for the whole grace."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request.kill_grace
         self._signal(signal.SIGTERM)
@@ -524,54 +447,31 @@ class HandlerProcess:
         await self._exited.wait()
 
     def _signal(self, sig: int) -> None:
-        if self._pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._pid, sig)
-
-    def _finish(self) -> RunResult:
-        assert self._transport is not None
-        code = self._transport.get_returncode()
-        assert code is not None
-        if self._stop_reason is not None:
-            outcome, reason = self._stop_reason
-        else:
-            outcome, reason = ("succeeded" if code == 0 else "failed"), _describe_exit(code)
-        head, tail = self._output.texts()
-        result = RunResult(
-            outcome=outcome, reason=reason, exit_code=code if code >= 0 else None,
-            signal=-code if code < 0 else None, pid=self._pid, duration=self._ended - self._started,
-            output_head=head, output_tail=tail, output_bytes=self._output.total,
-            started=self._started, ended=self._ended)
-        return self._conclude(result)
-
-    def _finish_early(self, outcome: str, reason: str) -> None:
-        self._conclude(RunResult(outcome=outcome, reason=reason, exit_code=None, signal=None,
-                                 pid=None, duration=0.0, output_head="", output_tail="",
-                                 output_bytes=0, started=self._started, ended=self._started))
+        if self._pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._pid, sig)
 
     def _conclude(self, result: RunResult) -> RunResult:
         extra = f", {result.output_bytes} bytes of output" if result.pid is not None else ""
         self._write_log(f"{result.outcome}: {result.reason} "
                         f"(after {format_duration(result.duration)}{extra})")
         self._close()
-        log.debug("handler done job_id=%s outcome=%s reason=%s", self.request.job_id,
-                  result.outcome, result.reason)
         self._result = result
         return result
 
     def _write_log(self, text: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        one_line = text.replace("\r", "\\r").replace("\n", "\\n")
-        self._output.note(f"=== {stamp} {one_line} ===")
+        text = text.replace("\r", "\\r").replace("\n", "\\n")  # one line, even for sh -c
+        self._output.note(f"=== {stamp} {text} ===")
 
     def _close(self) -> None:
         for transport in (self._progress, self._transport):
             if transport is not None:
                 transport.close()
-        if self._log is not None:
+        if self._output.log_file is not None:
             with contextlib.suppress(OSError):
-                self._log.close()
+                self._output.log_file.close()
+            self._output.log_file = None
 
 
 async def _any_of(timeout: float | None, *events: asyncio.Event) -> None:
@@ -593,7 +493,6 @@ async def run_handler(request: RunRequest,
     grace, KILL), because nothing else holds the process to stop it."""
     process = HandlerProcess(request, on_progress)
     try:
-        await process.start()
         return await process.wait()
     except asyncio.CancelledError:
         task = asyncio.ensure_future(process.cancel("the agent stopped waiting for the handler"))
@@ -626,8 +525,8 @@ def sanitize_detail(value: str, keep: Literal["start", "end"] = "start") -> str:
 
     Lines are joined with " | " (blank ones dropped), tabs become spaces and other control
     characters go. Too long, it keeps its start (or end) and marks the cut with an ellipsis.
-    The limit is counted in UTF-16 code units, which is never more than code points, so the
-    value fits whichever of the two the service counts. Returns "" when nothing is left.
+    The limit is counted in UTF-16 code units, never fewer than code points, so the value fits
+    whichever of the two the service counts. Returns "" when nothing is left.
     """
     lines = (_printable(line.replace("\t", " ")) for line in value.splitlines())
     text = " | ".join(line for line in lines if line.strip())
@@ -641,22 +540,20 @@ def sanitize_detail(value: str, keep: Literal["start", "end"] = "start") -> str:
             break
         kept.append(ch)
     cut = "".join(kept)
-    return cut + _ELLIPSIS if keep == "start" else _ELLIPSIS + cut[::-1]
+    return cut + "\u2026" if keep == "start" else "\u2026" + cut[::-1]
 
 
 def status_details(result: RunResult, *, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The final update's statusDetails, valid for the Jobs service whatever the handler wrote.
 
-    ``extra`` entries are added after ours and so replace them (the dispatcher uses this to put
-    its own reason first); their keys are forced into ``[a-zA-Z0-9:_-]{1,128}``.
+    ``extra`` entries come last and so replace ours (the dispatcher puts its own reason there);
+    their keys are forced into ``[a-zA-Z0-9:_-]{1,128}``.
     """
     ours = {
-        "outcome": result.outcome,
-        "reason": result.reason,
+        "outcome": result.outcome, "reason": result.reason,
         "exitCode": "" if result.exit_code is None else str(result.exit_code),
         "signal": "" if result.signal is None else str(result.signal),
-        "durationSeconds": f"{result.duration:.3f}",
-        "outputHead": result.output_head,
+        "durationSeconds": f"{result.duration:.3f}", "outputHead": result.output_head,
     }
     details = {key: text for key, value in ours.items() if (text := sanitize_detail(value))}
     if tail := sanitize_detail(result.output_tail, "end"):

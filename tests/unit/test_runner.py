@@ -187,7 +187,8 @@ def test_cancel_mid_run(tmp_path: Path) -> None:
     result, process, took = asyncio.run(scenario())
     assert (result.outcome, result.reason) == ("canceled", "canceled in the cloud")
     assert result.signal == signal.SIGTERM and took < 1.5
-    assert result.pid == process.pid and not group_alive(result.pid)
+    assert result.pid is not None and result.pid == process.pid
+    assert not group_alive(result.pid)
 
 
 def test_cancel_before_start_does_not_spawn(tmp_path: Path) -> None:
@@ -312,7 +313,8 @@ def test_only_standard_fds_and_progress_fd_are_open(tmp_path: Path) -> None:
     leaked = os.open(tmp_path, os.O_RDONLY)
     os.set_inheritable(leaked, True)  # even an inheritable descriptor must not reach it
     try:
-        result = run(request(tmp_path, python("import os; print(sorted(os.listdir('/proc/self/fd')))")))
+        code = "import os; print(sorted(os.listdir('/proc/self/fd')))"
+        result = run(request(tmp_path, python(code)))
     finally:
         os.close(leaked)
     # python's listdir holds one more descriptor of its own while listing
@@ -490,7 +492,8 @@ def test_status_details_shape() -> None:
 _TEXT = st.one_of(
     st.text(),
     st.text(alphabet=st.characters(codec="utf-8"), max_size=3000),
-    st.text(alphabet=st.sampled_from("\n\r\t\x00\x1b\u2028\u200b\U0001f600 a\u0301"), max_size=3000),
+    st.text(alphabet=st.sampled_from("\n\r\t\x00\x1b\u2028\u200b\U0001f600 a\u0301"),
+            max_size=3000),
     st.text(min_size=1, max_size=20).map(lambda s: s * 20000),
 )
 
