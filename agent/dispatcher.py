@@ -136,7 +136,7 @@ class Dispatcher:
         try:
             work = parse_document(execution.get("jobDocument"), self.config.handlers)
         except DocumentError as exc:
-            await self._reject(key, version, str(exc))
+            await self._end_unrun(key, version, "REJECTED", str(exc))
             return
         step = step_timeout_minutes(work.handler.timeout)
         try:
@@ -162,21 +162,24 @@ class Dispatcher:
         job.task = asyncio.create_task(self._run(job), name=f"job:{job_id}:{number}")
         log.info("job claimed %s step_timeout=%dm", job.where, step)
 
-    async def _reject(self, key: ExecutionKey, version: int, reason: str) -> None:
+    async def _end_unrun(self, key: ExecutionKey, version: int, status: str,
+                         reason: str) -> None:
+        """One terminal update for an execution whose handler never ran (here, this time)."""
         job_id, number = key
-        log.warning("job rejected job_id=%s execution=%d reason=%s", job_id, number, reason)
+        log.warning("ending execution without running it job_id=%s execution=%d status=%s "
+                    "reason=%s", job_id, number, status, reason)
         try:
             await self.jobs.update_job_execution(
-                jobId=job_id, thingName=self.thing, status="REJECTED",
+                jobId=job_id, thingName=self.thing, status=status,
                 statusDetails={"reason": sanitize_detail(reason, "start")},
                 expectedVersion=version, executionNumber=number)
         except ConflictException:
-            self._wake.set()
+            self._wake.set()  # it changed meanwhile: decide again from a fresh list
             return
         except (InvalidStateTransitionException, ResourceNotFoundException,
                 TerminalStateException):
-            pass
-        self._remember(key, "REJECTED")
+            pass  # already ended in the cloud: nothing to say
+        self._remember(key, status)
 
     def _request(self, job: RunningJob) -> RunRequest:
         job_id, number = job.key
@@ -263,23 +266,9 @@ class Dispatcher:
 
     async def _fail_orphan(self, key: ExecutionKey, summary: dict[str, Any]) -> None:
         """IN_PROGRESS in the cloud but not running here: the agent died while it ran."""
-        job_id, number = key
-        reason = ("interrupted: the agent restarted while this job ran; it was not run again "
-                  "(its handler may or may not have finished)")
-        log.warning("failing orphaned execution job_id=%s execution=%d reason=%s", job_id, number,
-                    reason)
-        try:
-            await self.jobs.update_job_execution(
-                jobId=job_id, thingName=self.thing, status="FAILED",
-                statusDetails={"reason": reason}, expectedVersion=summary["versionNumber"],
-                executionNumber=number)
-        except ConflictException:
-            self._wake.set()
-            return
-        except (InvalidStateTransitionException, ResourceNotFoundException,
-                TerminalStateException):
-            pass
-        self._remember(key, "FAILED")
+        await self._end_unrun(key, summary["versionNumber"], "FAILED",
+                              "interrupted: the agent restarted while this job ran; it was not "
+                              "run again (its handler may or may not have finished)")
 
     # ------------------------------------------------------------------ shutdown
 
