@@ -19,6 +19,7 @@ from agent.connection import Connection, ConnectionEvent
 from agent.dispatcher import Dispatcher
 from agent.errors import CertificateValidationException, ConfigError
 from agent.jobs import JobsClient
+from agent.journal import Journal
 from agent.systemd import Notifier
 
 __all__ = ["Agent"]
@@ -48,10 +49,12 @@ class Agent:
         connection = Connection(self.config.mqtt, self.config.client_id)
         jobs = JobsClient(connection, request_timeout=self.config.mqtt.request_timeout,
                           max_concurrent_requests=max(4, self.config.max_concurrent_jobs + 2))
+        journal = Journal(Path(self.config.state_dir) / "journal.db")
+        await journal.open()
         # Under systemd, per-job logs go where LogsDirectory= points; else under state_dir.
         job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")
                         or Path(self.config.state_dir) / "logs")
-        dispatcher = Dispatcher(self.config, jobs, job_logs=job_logs,
+        dispatcher = Dispatcher(self.config, jobs, journal, job_logs=job_logs,
                                 on_change=lambda: self._status(dispatcher))
         jobs.open_streams(self.config.thing_name)
         connection.add_listener(lambda ev: self._on_connection(ev, dispatcher))
@@ -75,6 +78,7 @@ class Agent:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await connection.stop()
+        await journal.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped")
@@ -111,7 +115,7 @@ class Agent:
     def _on_connection(self, event: ConnectionEvent, dispatcher: Dispatcher) -> None:
         if event.kind == "connected":
             self.notifier.status("connected; syncing jobs")
-            dispatcher.wake("connected")
+            dispatcher.reconnected()
         elif event.kind == "disconnected":
             self.notifier.status("disconnected; reconnecting")
         elif event.kind == "failed" and isinstance(event.error, CertificateValidationException):
@@ -152,6 +156,8 @@ class Agent:
             await asyncio.sleep(interval / 2)
 
     def _describe(self, dispatcher: Dispatcher) -> str:
+        if dispatcher.refusing:
+            return f"not taking jobs: {dispatcher.refusing}"
         running = [f"{k[0]}#{k[1]}" for k in dispatcher.running]
         return f"running {', '.join(running)}" if running else "idle, waiting for jobs"
 

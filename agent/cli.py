@@ -20,6 +20,7 @@ from agent.errors import (
     AgentError,
     ConfigError,
     ConnectionFailedError,
+    JournalError,
     RequestFailedError,
     RequestTimeoutError,
     SandboxError,
@@ -47,7 +48,7 @@ def exit_code_for(exc: AgentError) -> int:
         return EXIT_CONFIG
     if isinstance(exc, ConnectionFailedError):
         return EXIT_UNAVAILABLE
-    if isinstance(exc, RequestTimeoutError | RequestFailedError):
+    if isinstance(exc, RequestTimeoutError | RequestFailedError | JournalError):
         return EXIT_TEMPFAIL
     return EXIT_FAILURE
 

@@ -173,6 +173,11 @@ class HandlerConfig:
                                 parse=_user)
     environment: dict[str, str] = _setting("extra environment variables for the handler",
                                            default_factory=dict, parse=_environment)
+    idempotent: bool = _setting("safe to run again from the start if the agent died while it "
+                                "ran (otherwise such a run is reported FAILED)", default=False)
+    verify: tuple[str, ...] | None = _setting(
+        "after a reboot the handler asked for, run this to decide SUCCEEDED/FAILED",
+        default=None, parse=_command)
 
     @property
     def program(self) -> Path:
@@ -199,6 +204,19 @@ class Config:
                                      default=60.0, parse=parse_duration)
     kill_grace: float = _setting("between SIGTERM and SIGKILL of a handler", default=10.0,
                                  parse=parse_duration)
+    max_attempts: int = _setting("crash-loop guard: starts of one job's handler before it is "
+                                 "reported FAILED", default=3, parse=_positive_int)
+    retention: float = _setting("how long finished jobs stay in the journal, with their logs",
+                                default=30 * 86400.0, parse=parse_duration)
+    max_records: int = _setting("finished jobs kept in the journal at most", default=10000,
+                                parse=_positive_int)
+    reboot_command: tuple[str, ...] = _setting(
+        "what runs when a handler asks for a reboot (exit code 194)",
+        default=("/usr/bin/systemctl", "reboot"), parse=_command)
+    reboot_timeout: float = _setting("a reboot that has not happened after this is a failure",
+                                     default=300.0, parse=parse_duration)
+    boot_id_path: Path = _setting("where the kernel's boot id is read (tests point it elsewhere)",
+                                  default=Path("/proc/sys/kernel/random/boot_id"))
     log_level: str = _setting("debug, info, warning or error", default="INFO", parse=_log_level)
     log_format: str = _setting("text (journald-aware) or json (one object per line)",
                                default="text", parse=_log_format)

@@ -1,12 +1,14 @@
-"""The dispatcher: decides which executions to claim, runs their handlers, notices cancellation.
+"""The dispatcher: claims executions, runs their handlers, reports, and recovers after a crash.
 
 Everything funnels through one :meth:`Dispatcher.sync`: on start, after every (re)connect, on
 every ``notify``/``notify-next`` and on the safety poll, it asks the service for the pending list
-(the truth) and compares it with what this process runs. Notifications are only a doorbell, so a
-duplicate, late or out-of-order one cannot start a job twice: a job is claimed with an
-``expectedVersion`` update from QUEUED, and an execution key already seen is never claimed again.
+(the truth) and compares it with the journal. Notifications are only a doorbell, so a duplicate,
+late or out-of-order one cannot start a job twice: an execution already in the journal is never
+claimed again, and a claim is an ``expectedVersion`` update from QUEUED.
 
-All of it runs on the agent's asyncio loop; handlers are processes (:mod:`agent.runner`).
+Each step is committed to the journal before it happens (claim, spawn, reboot), and each status
+that matters is committed to the outbox before it is sent; :meth:`_recover` reads them back after
+a crash or a reboot and finishes what was started, honestly (see :mod:`agent.recovery`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,14 @@ from agent.errors import (
     AgentError,
     ConflictException,
     InvalidStateTransitionException,
+    JournalError,
     ResourceNotFoundException,
     TerminalStateException,
 )
 from agent.jobs import JobsClient
+from agent.journal import Journal, Record
 from agent.lifecycle import DocumentError, ExecutionKey, Work, parse_document, step_timeout_minutes
+from agent.recovery import REBOOT_EXIT_CODE, Machine, plan_recovery
 from agent.reporter import Reporter, backoff
 from agent.runner import HandlerProcess, RunRequest, RunResult, sanitize_detail, status_details
 
@@ -38,8 +42,9 @@ __all__ = ["Dispatcher"]
 
 log = logging.getLogger("agent.dispatcher")
 
-_REMEMBERED = 1000  # finished execution keys kept to ignore stale pending lists
 _FINAL_REPORT_GRACE = 15.0  # seconds a stopping agent keeps trying to deliver final statuses
+_GONE = (ResourceNotFoundException, InvalidStateTransitionException, TerminalStateException)
+_PRUNE_EVERY = 3600.0
 
 
 @dataclass
@@ -47,6 +52,7 @@ class RunningJob:
     key: ExecutionKey
     work: Work
     reporter: Reporter
+    phase: str = "run"  # or "verify": the check a handler asked for after its reboot
     process: HandlerProcess | None = None
     task: asyncio.Task[None] | None = None
     interrupted: str | None = None  # set when the agent itself stops the handler
@@ -60,18 +66,25 @@ class RunningJob:
 class Dispatcher:
     """Claims and runs the jobs of one thing. Call :meth:`wake` on any hint; run :meth:`run`."""
 
-    def __init__(self, config: Config, jobs: JobsClient, *, job_logs: Path | None = None,
+    def __init__(self, config: Config, jobs: JobsClient, journal: Journal, *,
+                 job_logs: Path | None = None, machine: Machine | None = None,
                  on_change: Callable[[], None] | None = None) -> None:
         self.config = config
-        self.job_logs = job_logs or Path(config.state_dir) / "logs"
         self.jobs = jobs
+        self.journal = journal
+        self.machine = machine or Machine(config)
+        self.job_logs = job_logs or Path(config.state_dir) / "logs"
         self.thing = config.thing_name
         self.running: dict[ExecutionKey, RunningJob] = {}
-        self.finished: OrderedDict[ExecutionKey, str] = OrderedDict()  # key -> final status
+        self.delivering: dict[ExecutionKey, Reporter] = {}
+        self.refusing: str | None = None  # why new jobs are not taken (journal unwritable)
         self.synced = asyncio.Event()  # set after the first successful sync
+        self._recovered = False
         self._wake = asyncio.Event()
         self._sync_lock = asyncio.Lock()
         self._stopping = False
+        self._last_prune = 0.0
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._on_change = on_change or (lambda: None)
 
     # ------------------------------------------------------------------ main loop
@@ -80,12 +93,20 @@ class Dispatcher:
         log.debug("sync requested reason=%s", reason)
         self._wake.set()
 
+    def reconnected(self) -> None:
+        """Connected again: retry owed statuses now, and resync."""
+        for reporter in [*self.delivering.values(), *(j.reporter for j in self.running.values())]:
+            reporter.nudge()
+        self.wake("connected")
+
     async def run(self) -> None:
         """Sync whenever woken, and at least every ``poll_interval``."""
         attempt = 0
         while not self._stopping:
+            interval = min(self.config.poll_interval, 30.0) if self.refusing \
+                else self.config.poll_interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+                await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
             if self._stopping:
                 return
@@ -102,32 +123,56 @@ class Dispatcher:
 
     async def sync(self) -> None:
         async with self._sync_lock:
+            if not self._recovered:
+                await self._recover()
+                self._recovered = True
             pending = await self.jobs.get_pending_job_executions(thingName=self.thing)
-            in_progress = {(s["jobId"], s["executionNumber"]): s for s in pending["inProgressJobs"]}
-            queued = [(s["jobId"], s["executionNumber"], s) for s in pending["queuedJobs"]]
-            listed = set(in_progress) | {(j, n) for j, n, _ in queued}
+            in_progress = {(s["jobId"], s["executionNumber"]): s
+                           for s in pending["inProgressJobs"]}
+            queued = [(s["jobId"], s["executionNumber"]) for s in pending["queuedJobs"]]
+            listed = set(in_progress) | set(queued)
             for key, summary in in_progress.items():
-                if key not in self.running and key not in self.finished:
-                    await self._fail_orphan(key, summary)
+                if key not in self.running and await self.journal.get(key) is None:
+                    await self._end_unrun(key, summary["versionNumber"], "FAILED", (
+                        "interrupted: this device has no record of running this job (its "
+                        "state was lost or reset); it was not run again"))
             for key in [k for k in self.running if k not in listed]:
                 await self._check_gone(key)
-            for job_id, number, summary in queued:
-                if self._stopping or len(self.running) >= self.config.max_concurrent_jobs:
-                    break
-                if (job_id, number) not in self.running and (job_id, number) not in self.finished:
-                    await self._claim((job_id, number), summary)
+            await self._claim_queued(queued)
             self.synced.set()
             self._on_change()
+        await self._maybe_prune()
+
+    async def _claim_queued(self, queued: list[ExecutionKey]) -> None:
+        for key in queued:
+            if self._stopping or len(self.running) >= self.config.max_concurrent_jobs:
+                return
+            if key in self.running:
+                continue
+            try:
+                if await self.journal.get(key) is not None:
+                    continue  # ours already: never claimed twice, whatever the cloud says
+            except JournalError as exc:
+                self._refuse(str(exc))
+                return
+            await self._claim(key)
+
+    def _refuse(self, reason: str) -> None:
+        if self.refusing is None:
+            log.error("not taking new jobs: %s; they stay QUEUED and run once the journal can "
+                      "be written again (free space in %s)", reason, self.config.state_dir)
+        self.refusing = reason
+        self._on_change()
 
     # ------------------------------------------------------------------ claim and run
 
-    async def _claim(self, key: ExecutionKey, summary: dict[str, Any]) -> None:
+    async def _claim(self, key: ExecutionKey) -> None:
         job_id, number = key
         try:
             described = await self.jobs.describe_job_execution(
                 jobId=job_id, thingName=self.thing, executionNumber=number,
                 includeJobDocument=True)
-        except (ResourceNotFoundException, TerminalStateException):
+        except _GONE:
             return  # gone since the list was made
         execution = described.get("execution")
         if not execution or execution.get("status") != "QUEUED":
@@ -140,6 +185,14 @@ class Dispatcher:
             return
         step = step_timeout_minutes(work.handler.timeout)
         try:
+            await self.journal.claiming(key, work.operation, work.document, version, step)
+        except JournalError as exc:
+            self._refuse(str(exc))
+            return
+        if self.refusing is not None:
+            log.info("journal writable again: taking jobs")
+            self.refusing = None
+        try:
             reply = await self.jobs.update_job_execution(
                 jobId=job_id, thingName=self.thing, status="IN_PROGRESS",
                 statusDetails={"step": "starting", "handler": work.operation},
@@ -147,20 +200,218 @@ class Dispatcher:
                 includeJobExecutionState=True)
         except ConflictException:
             log.info("claim lost a race, resyncing job_id=%s execution=%d", job_id, number)
+            await self.journal.forget(key)  # never claimed: may be claimed later
             self._wake.set()
             return
-        except (InvalidStateTransitionException, ResourceNotFoundException,
-                TerminalStateException) as exc:
+        except _GONE as exc:
             log.info("job ended before it was claimed job_id=%s execution=%d reason=%s",
                      job_id, number, exc.code)
+            await self.journal.done(key)
             return
-        reporter = Reporter(self.jobs, self.thing, job_id, number,
-                            reply["executionState"]["versionNumber"], step_minutes=step,
-                            progress_interval=self.config.progress_interval)
-        job = RunningJob(key, work, reporter)
+        new_version = reply["executionState"]["versionNumber"]
+        await self.journal.update(key, state="running", version=new_version)
+        self._launch(key, work, new_version, step)
+        log.info("job claimed job_id=%s execution=%d handler=%s step_timeout=%dm", job_id,
+                 number, work.operation, step)
+
+    def _reporter(self, key: ExecutionKey, version: int, step: int) -> Reporter:
+        return Reporter(self.jobs, self.thing, key[0], key[1], version, step_minutes=step,
+                        progress_interval=self.config.progress_interval, journal=self.journal)
+
+    def _launch(self, key: ExecutionKey, work: Work, version: int, step: int, *,
+                phase: str = "run") -> None:
+        job = RunningJob(key, work, self._reporter(key, version, step), phase=phase)
         self.running[key] = job
-        job.task = asyncio.create_task(self._run(job), name=f"job:{job_id}:{number}")
-        log.info("job claimed %s step_timeout=%dm", job.where, step)
+        job.task = asyncio.create_task(self._run(job), name=f"job:{key[0]}:{key[1]}")
+
+    def _request(self, job: RunningJob) -> RunRequest:
+        job_id, number = job.key
+        handler = job.work.handler
+        argv = job.work.argv if job.phase == "run" else [*(handler.verify or ()), *job.work.args]
+        return RunRequest(
+            job_id=job_id, execution_number=number, thing_name=self.thing, argv=argv,
+            document=job.work.document,
+            work_dir=Path(self.config.state_dir) / "jobs" / f"{job_id}.{number}",
+            log_path=self.job_logs / f"{job_id}.{number}.log", timeout=handler.timeout,
+            kill_grace=self.config.kill_grace, user=handler.user,
+            environment={**handler.environment, "JOB_PHASE": job.phase})
+
+    async def _run(self, job: RunningJob) -> None:
+        reporter = job.reporter
+        heartbeat = asyncio.create_task(reporter.run(), name=f"report:{job.key[0]}")
+        watcher: asyncio.Task[None] | None = None
+        try:
+            job.process = HandlerProcess(self._request(job), on_progress=reporter.progress)
+            # Committed before the spawn: a crash from here on reads "may have started".
+            await self.journal.started(job.key, None, None, self.machine.boot_id())
+            await job.process.start()
+            pid = job.process.pid
+            await self.journal.update(job.key, pid=pid, pid_start=self.machine.start_time(pid))
+            log.info("handler started %s phase=%s pid=%s", job.where, job.phase, pid)
+            watcher = asyncio.create_task(self._stop_when_gone(job))
+            result = await job.process.wait()
+        except Exception as exc:  # a bug or a journal failure must not strand the job
+            log.exception("agent error while running %s", job.where)
+            if job.process is not None and job.process.running:
+                await job.process.cancel(f"agent error: {exc}")
+            result = RunResult(outcome="failed", reason=f"agent error: {type(exc).__name__}",
+                               exit_code=None, signal=None, pid=None, duration=0.0,
+                               output_head="", output_tail="", output_bytes=0)
+        finally:
+            heartbeat.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            reporter.close()
+        await self._report(job, result)
+
+    async def _stop_when_gone(self, job: RunningJob) -> None:
+        await job.reporter.gone.wait()
+        if job.process is not None and job.process.running:
+            log.warning("stopping handler: execution ended in the cloud %s reason=%s", job.where,
+                        job.reporter.gone_reason)
+            await job.process.cancel(f"canceled in the cloud ({job.reporter.gone_reason})")
+
+    async def _report(self, job: RunningJob, result: RunResult) -> None:
+        if job.reporter.gone.is_set():
+            log.info("handler stopped after cancellation %s outcome=%s; no status sent",
+                     job.where, result.outcome)
+            await self._forget_safely(job.key)
+            self._done(job)
+            return
+        if job.phase == "run" and result.exit_code == REBOOT_EXIT_CODE and not job.interrupted:
+            await self._reboot(job, result)
+            return
+        status = "SUCCEEDED" if result.outcome == "succeeded" else "FAILED"
+        extra = {"reason": f"interrupted: {job.interrupted}"} if job.interrupted else None
+        details = status_details(result, extra=extra)
+        if job.phase == "verify":
+            details["phase"] = "verify after reboot"
+        log.log(logging.INFO if status == "SUCCEEDED" else logging.WARNING,
+                "handler finished %s outcome=%s reason=%s duration=%.1fs status=%s", job.where,
+                result.outcome, details.get("reason", ""), result.duration, status)
+        await self._conclude(job.key, job.reporter, status, details)
+        self._done(job)
+
+    async def _conclude(self, key: ExecutionKey, reporter: Reporter, status: str,
+                        details: dict[str, str]) -> None:
+        """Commit the verdict with the update that reports it, then deliver it."""
+        try:
+            await self.journal.finish(key, status, details)
+        except JournalError as exc:
+            # Deliver anyway: the cloud hears the truth now even if this device cannot
+            # remember it (a crash before delivery would then report the job interrupted).
+            log.critical("cannot journal the result %s; sending it directly: %s", key, exc)
+            await reporter.finish(status, details)
+            return
+        await self._deliver(key, reporter)
+
+    async def _deliver(self, key: ExecutionKey, reporter: Reporter) -> bool:
+        deadline = time.monotonic() + _FINAL_REPORT_GRACE if self._stopping else None
+        self.delivering[key] = reporter
+        try:
+            delivered = await reporter.deliver(deadline=deadline)
+        finally:
+            self.delivering.pop(key, None)
+        if not delivered and not reporter.gone.is_set():
+            log.warning("status still owed job_id=%s execution=%d; kept in the outbox for the "
+                        "next start", *key)
+        return delivered
+
+    def _done(self, job: RunningJob) -> None:
+        self.running.pop(job.key, None)
+        self._on_change()
+        if not self._stopping:
+            self._wake.set()  # capacity freed: look for the next job
+
+    async def _forget_safely(self, key: ExecutionKey) -> None:
+        with contextlib.suppress(JournalError):
+            await self.journal.done(key)
+
+    # ------------------------------------------------------------------ reboot
+
+    async def _reboot(self, job: RunningJob, result: RunResult) -> None:
+        """The handler asked for a reboot: say so, make sure the cloud heard it, then reboot."""
+        log.info("handler asked for a reboot %s; reporting 'rebooting' first", job.where)
+        details = {"step": "rebooting", "handler": job.work.operation}
+        await self.journal.finish(job.key, "IN_PROGRESS", details, state="rebooting")
+        self.running.pop(job.key, None)
+        self.delivering[job.key] = job.reporter
+        try:
+            while not await job.reporter.deliver():  # retries until accepted or gone
+                if job.reporter.gone.is_set():
+                    log.warning("job ended in the cloud before the reboot %s; not rebooting",
+                                job.where)
+                    return
+        finally:
+            self.delivering.pop(job.key, None)
+        outcome = await self.machine.reboot()
+        reason = outcome or (f"the device did not reboot within "
+                             f"{self.config.reboot_timeout:.0f}s of the reboot command")
+        log.error("reboot failed %s reason=%s", job.where, reason)
+        await self._conclude(job.key, job.reporter, "FAILED", {"reason": reason})
+        self._on_change()
+
+    # ------------------------------------------------------------------ recovery
+
+    async def _recover(self) -> None:
+        """Finish what a previous run of the agent started (crash, kill -9, reboot)."""
+        for record in await self.journal.open_records():
+            if record.key in self.running:
+                continue
+            cloud = await self._cloud_status(record.key)
+            action = plan_recovery(record, cloud, self.config, self.machine)
+            log.info("recovering job_id=%s execution=%d state=%s cloud=%s action=%s",
+                     record.job_id, record.execution_number, record.state, cloud, action.kind)
+            await self._apply(record, action)
+
+    async def _cloud_status(self, key: ExecutionKey) -> tuple[str, int | None]:
+        try:
+            described = await self.jobs.describe_job_execution(
+                jobId=key[0], thingName=self.thing, executionNumber=key[1],
+                includeJobDocument=False)
+        except (ResourceNotFoundException, TerminalStateException) as exc:
+            return (exc.code, None)
+        execution = described.get("execution") or {}
+        return (execution.get("status", "ResourceNotFound"), execution.get("versionNumber"))
+
+    async def _apply(self, record: Record, action: Any) -> None:
+        key = record.key
+        if action.kill_pid is not None:
+            await self.machine.kill_group(action.kill_pid, self.config.kill_grace)
+        if action.kind == "forget":
+            await self.journal.forget(key)
+        elif action.kind == "done":
+            await self.journal.done(key)
+        elif action.kind in ("run", "verify"):
+            work = parse_document_record(record, self.config)
+            if work is None:
+                await self.journal.finish(key, "FAILED", {
+                    "reason": f"handler {record.operation!r} is no longer configured"})
+                await self._deliver(key, self._reporter(key, action.version, 1))
+                return
+            await self.journal.update(key, state="running", version=action.version)
+            self._launch(key, work, action.version, record.step_minutes, phase=action.kind)
+        elif action.kind == "report":
+            reporter = self._reporter(key, action.version or record.version, record.step_minutes)
+            if action.status is not None:
+                await self.journal.finish(key, action.status, action.details)
+            self._spawn(self._deliver(key, reporter))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ the cloud moved
+
+    async def _check_gone(self, key: ExecutionKey) -> None:
+        """A job we run is missing from the pending list: confirm, then stop its handler."""
+        job = self.running.get(key)
+        if job is None or job.reporter.gone.is_set():
+            return
+        status, _ = await self._cloud_status(key)
+        if status != "IN_PROGRESS" and key in self.running:
+            job.reporter.mark_gone(f"execution is {status}")
 
     async def _end_unrun(self, key: ExecutionKey, version: int, status: str,
                          reason: str) -> None:
@@ -175,100 +426,27 @@ class Dispatcher:
                 expectedVersion=version, executionNumber=number)
         except ConflictException:
             self._wake.set()  # it changed meanwhile: decide again from a fresh list
-            return
-        except (InvalidStateTransitionException, ResourceNotFoundException,
-                TerminalStateException):
+        except _GONE:
             pass  # already ended in the cloud: nothing to say
-        self._remember(key, status)
 
-    def _request(self, job: RunningJob) -> RunRequest:
-        job_id, number = job.key
-        base = Path(self.config.state_dir)
-        return RunRequest(
-            job_id=job_id, execution_number=number, thing_name=self.thing, argv=job.work.argv,
-            document=job.work.document, work_dir=base / "jobs" / f"{job_id}.{number}",
-            log_path=self.job_logs / f"{job_id}.{number}.log", timeout=job.work.handler.timeout,
-            kill_grace=self.config.kill_grace, user=job.work.handler.user,
-            environment=dict(job.work.handler.environment))
+    # ------------------------------------------------------------------ housekeeping
 
-    async def _run(self, job: RunningJob) -> None:
-        reporter = job.reporter
-        heartbeat = asyncio.create_task(reporter.run(), name=f"report:{job.key[0]}")
-        watcher: asyncio.Task[None] | None = None
-        try:
-            job.process = HandlerProcess(self._request(job), on_progress=reporter.progress)
-            await job.process.start()
-            log.info("handler started %s pid=%s", job.where, job.process.pid)
-            watcher = asyncio.create_task(self._stop_when_gone(job))
-            result = await job.process.wait()
-        except Exception as exc:  # a bug here must not strand the job IN_PROGRESS
-            log.exception("agent error while running %s", job.where)
-            result = RunResult(outcome="failed", reason=f"agent error: {type(exc).__name__}",
-                               exit_code=None, signal=None, pid=None, duration=0.0,
-                               output_head="", output_tail="", output_bytes=0)
-        finally:
-            heartbeat.cancel()
-            if watcher is not None:
-                watcher.cancel()
-        await self._report(job, result)
-
-    async def _stop_when_gone(self, job: RunningJob) -> None:
-        await job.reporter.gone.wait()
-        if job.process is not None and job.process.running:
-            log.warning("stopping handler: execution ended in the cloud %s reason=%s", job.where,
-                        job.reporter.gone_reason)
-            await job.process.cancel(f"canceled in the cloud ({job.reporter.gone_reason})")
-
-    async def _report(self, job: RunningJob, result: RunResult) -> None:
-        if job.reporter.gone.is_set():
-            log.info("handler stopped after cancellation %s outcome=%s; no status sent",
-                     job.where, result.outcome)
-            self._done(job, "CANCELED")
+    async def _maybe_prune(self) -> None:
+        now = time.monotonic()
+        if self._last_prune and now - self._last_prune < _PRUNE_EVERY:
             return
-        status = "SUCCEEDED" if result.outcome == "succeeded" else "FAILED"
-        extra = {"reason": f"interrupted: {job.interrupted}"} if job.interrupted else None
-        details = status_details(result, extra=extra)
-        log.log(logging.INFO if status == "SUCCEEDED" else logging.WARNING,
-                "handler finished %s outcome=%s reason=%s duration=%.1fs status=%s", job.where,
-                result.outcome, details.get("reason", ""), result.duration, status)
-        deadline = time.monotonic() + _FINAL_REPORT_GRACE if self._stopping else None
-        delivered = await job.reporter.finish(status, details, deadline=deadline)
-        self._done(job, status if delivered else "UNDELIVERED")
-
-    def _done(self, job: RunningJob, status: str) -> None:
-        self.running.pop(job.key, None)
-        self._remember(job.key, status)
-        self._on_change()
-        if not self._stopping:
-            self._wake.set()  # capacity freed: look for the next job
-
-    def _remember(self, key: ExecutionKey, status: str) -> None:
-        self.finished[key] = status
-        while len(self.finished) > _REMEMBERED:
-            self.finished.popitem(last=False)
-
-    # ------------------------------------------------------------------ the cloud moved
-
-    async def _check_gone(self, key: ExecutionKey) -> None:
-        """A job we run is missing from the pending list: confirm, then stop its handler."""
-        job = self.running.get(key)
-        if job is None or job.reporter.gone.is_set():
-            return
+        self._last_prune = now
         try:
-            described = await self.jobs.describe_job_execution(
-                jobId=key[0], thingName=self.thing, executionNumber=key[1],
-                includeJobDocument=False)
-            status = described.get("execution", {}).get("status", "gone")
-        except (ResourceNotFoundException, TerminalStateException) as exc:
-            status = exc.code
-        if status != "IN_PROGRESS" and key in self.running:
-            job.reporter.mark_gone(f"execution is {status}")
-
-    async def _fail_orphan(self, key: ExecutionKey, summary: dict[str, Any]) -> None:
-        """IN_PROGRESS in the cloud but not running here: the agent died while it ran."""
-        await self._end_unrun(key, summary["versionNumber"], "FAILED",
-                              "interrupted: the agent restarted while this job ran; it was not "
-                              "run again (its handler may or may not have finished)")
+            pruned = await self.journal.prune(self.config.retention, self.config.max_records)
+        except JournalError as exc:
+            log.warning("journal pruning failed: %s", exc)
+            return
+        for job_id, number in pruned:
+            self.machine.remove_job_files(self.job_logs / f"{job_id}.{number}.log",
+                                          Path(self.config.state_dir) / "jobs" /
+                                          f"{job_id}.{number}")
+        if pruned:
+            log.info("pruned finished jobs from the journal count=%d", len(pruned))
 
     # ------------------------------------------------------------------ shutdown
 
@@ -292,3 +470,15 @@ class Dispatcher:
                     await job.process.cancel(job.interrupted)
             if late:
                 await asyncio.wait(late, timeout=self.config.kill_grace + _FINAL_REPORT_GRACE + 5)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=_FINAL_REPORT_GRACE)
+
+
+def parse_document_record(record: Record, config: Config) -> Work | None:
+    """The :class:`Work` of a journaled execution, or None if its handler was removed."""
+    import json
+
+    try:
+        return parse_document(json.dumps(record.document), config.handlers)
+    except DocumentError:
+        return None

@@ -7,6 +7,7 @@ Callers catch by meaning, not by where an error came from::
     ├── ConnectionFailedError            could not reach or stay connected to the MQTT broker
     │   └── CertificateValidationException   the TLS handshake was refused (certificate, key or CA)
     ├── RequestTimeoutError              no reply to a Jobs request within the timeout
+    ├── JournalError                     the local journal cannot be read or written (disk full)
     ├── SandboxError                     the local sandbox could not start (missing tool, port)
     ├── RequestFailedError               the request never reached the service (broker refused
     │                                    the publish, client stopped); retrying may help
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidResponseError",
     "InvalidStateTransitionException",
     "JobsServiceError",
+    "JournalError",
     "RequestFailedError",
     "RequestTimeoutError",
     "ResourceNotFoundException",
@@ -102,6 +104,10 @@ class RequestFailedError(AgentError):
     def __init__(self, message: str, operation: str = "") -> None:
         super().__init__(message)
         self.operation = operation
+
+
+class JournalError(AgentError):
+    """The journal under ``state_dir`` cannot be read or written (disk full, permissions)."""
 
 
 class SandboxError(AgentError):

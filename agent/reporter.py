@@ -1,11 +1,13 @@
-"""Status updates for one running execution: ordered, coalesced, versioned, retried.
+"""Status updates for one execution: ordered, coalesced, versioned, durable, retried.
 
 One :class:`Reporter` per claimed execution owns every update the agent sends for it, so updates
 go out strictly in order and each carries the ``expectedVersion`` the previous one produced: a
 stale retry can never overwrite a newer status. Progress updates are coalesced (only the latest
-is sent, at most one per ``progress_interval``), the step timer is re-armed by a heartbeat, and
-the final status is retried with backoff and full jitter until the service accepts it or says the
-execution is gone.
+is sent, at most one per ``progress_interval``) and are not journaled: a newer one, or the final
+status, supersedes them. The step timer is re-armed by a heartbeat. Statuses that matter (the
+final one, "rebooting") are taken from the journal's outbox, where they were committed before
+anything was sent, and retried with backoff and full jitter until the service accepts them or
+says the execution is gone; only then are they deleted from the outbox.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from agent.errors import (
     ThrottlingException,
 )
 from agent.jobs import JobsClient
+from agent.journal import Journal
 from agent.lifecycle import Conflict, resolve_conflict
 
 __all__ = ["Reporter"]
@@ -47,8 +50,10 @@ class Reporter:
     """Sends the updates of one execution; run :meth:`run` as a task, then :meth:`finish`."""
 
     def __init__(self, jobs: JobsClient, thing_name: str, job_id: str, execution_number: int,
-                 version: int, *, step_minutes: int, progress_interval: float) -> None:
+                 version: int, *, step_minutes: int, progress_interval: float,
+                 journal: Journal | None = None) -> None:
         self.jobs = jobs
+        self.journal = journal
         self.thing_name = thing_name
         self.job_id = job_id
         self.execution_number = execution_number
@@ -62,6 +67,7 @@ class Reporter:
         self._last_sent = time.monotonic()  # the claim that created us was just accepted
         self._closed = False
         self._lock = asyncio.Lock()  # one update in flight per execution, in order
+        self._nudge = asyncio.Event()  # cut a retry backoff short (we are connected again)
 
     @property
     def where(self) -> str:
@@ -91,21 +97,50 @@ class Reporter:
                 details, self._progress = self._progress, None
                 await self._send("IN_PROGRESS", details, final=False)
 
-    async def finish(self, status: str, details: dict[str, str], *,
-                     deadline: float | None = None) -> bool:
-        """Send the terminal status; True once the service holds it, False if it is gone.
-
-        Retries until ``deadline`` (monotonic) if given, else until accepted or gone.
-        """
+    def close(self) -> None:
+        """No more progress or heartbeats: the handler has ended."""
         self._closed = True
         self._wake.set()
+
+    def nudge(self) -> None:
+        """Retry now rather than after the current backoff (called on reconnect)."""
+        self._nudge.set()
+
+    async def finish(self, status: str, details: dict[str, str], *,
+                     deadline: float | None = None) -> bool:
+        """Send a terminal status without the journal (tests, journal-less callers)."""
+        self.close()
         async with self._lock:
             if self.gone.is_set():
                 return False
             return await self._send(status, details, final=True, deadline=deadline)
 
+    async def deliver(self, *, deadline: float | None = None) -> bool:
+        """Send what the outbox owes for this execution, oldest first.
+
+        True once everything was accepted; False if the cloud ended the execution (the outbox
+        is then cleared: nothing more will ever be sent) or ``deadline`` passed (the entries
+        stay for the next attempt, or the next start of the agent).
+        """
+        assert self.journal is not None
+        key = (self.job_id, self.execution_number)
+        async with self._lock:
+            for entry in await self.journal.outbox(key):
+                if self.gone.is_set():
+                    break
+                sent = await self._send(entry.status, entry.details, final=True,
+                                        deadline=deadline, step=not entry.final)
+                if sent:
+                    await self.journal.delivered(entry, self.version)
+                elif not self.gone.is_set():
+                    return False  # deadline: keep it owed
+            if self.gone.is_set():
+                await self.journal.done(key)
+                return False
+            return True
+
     async def _send(self, status: str, details: dict[str, str] | None, *, final: bool,
-                    deadline: float | None = None) -> bool:
+                    deadline: float | None = None, step: bool = False) -> bool:
         attempt = 0
         while True:
             try:
@@ -113,7 +148,7 @@ class Reporter:
                     jobId=self.job_id, thingName=self.thing_name, status=status,
                     statusDetails=details, expectedVersion=self.version,
                     executionNumber=self.execution_number, includeJobExecutionState=True,
-                    stepTimeoutInMinutes=None if final else self.step_minutes)
+                    stepTimeoutInMinutes=self.step_minutes if step or not final else None)
                 self._accepted(reply.get("executionState"))
                 log.log(logging.INFO if final else logging.DEBUG,
                         "status accepted %s status=%s version=%d", self.where, status,
@@ -156,7 +191,9 @@ class Reporter:
                 log.warning("status update failed, retrying %s status=%s in=%.1fs error=%s: %s",
                             self.where, status, delay, type(exc).__name__, exc)
                 attempt += 1
-                await asyncio.sleep(delay)
+                self._nudge.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._nudge.wait(), delay)
 
     def _accepted(self, state: dict[str, Any] | None) -> None:
         self._last_sent = time.monotonic()

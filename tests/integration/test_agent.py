@@ -261,7 +261,8 @@ def test_orphaned_in_progress_execution_is_failed_not_rerun(thing: Thing,
     with AgentProcess(thing.stack, thing.name, tmp_path / "agent", h) as agent:
         execution = agent.wait_status(job)
     assert execution["status"] == "FAILED"
-    assert execution["statusDetails"]["reason"].startswith("interrupted: the agent restarted")
+    assert execution["statusDetails"]["reason"].startswith(
+        "interrupted: this device has no record of running this job")
     assert not runs.exists()
 
 
