@@ -64,7 +64,9 @@ class Emulator:
         self._timer: asyncio.TimerHandle | None = None
         self._subscribed = threading.Event()
         self._tasks: set[asyncio.Future[None]] = set()
+        self._drops: list[list[Any]] = []  # [remaining, operations, "request" | "reply"]
         self.requests_handled = 0
+        self.dropped = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -159,6 +161,34 @@ class Emulator:
         connection = self._connection
         loop.call_soon_threadsafe(connection.publish, topic, payload)
 
+    def drop(self, count: int, operations: set[str], *, what: str = "request") -> None:
+        """Lose the next ``count`` requests of ``operations`` (get, start-next, describe, update).
+
+        ``what="request"``: the request never reaches the service (nothing changes);
+        ``what="reply"``: the service applies it but the reply is lost, the nastier case a
+        client must resolve from the version it finds next time. ``count=0`` clears all drops.
+        """
+        assert what in ("request", "reply")
+
+        def apply(_: JobsService) -> None:
+            if count == 0:
+                self._drops.clear()
+            else:
+                self._drops.append([count, set(operations), what])
+
+        self.call(apply)
+
+    def _dropping(self, topic: str, what: str) -> bool:
+        operation = _operation(topic)
+        for entry in self._drops:
+            if entry[2] == what and operation in entry[1]:
+                entry[0] -= 1
+                if entry[0] <= 0:
+                    self._drops.remove(entry)
+                self.dropped += 1
+                return True
+        return False
+
     def tick(self) -> None:
         """Apply timers now (tests that move a fake clock call this)."""
         self.call(lambda s: s.tick())
@@ -209,12 +239,16 @@ class Emulator:
         log.info("emulator serving filter=%s", REQUEST_FILTER)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if self._drops and self._dropping(topic, "request"):
+            return
         try:
             publishes = self.service.handle(topic, payload)
         except Exception:  # the emulator must keep serving whatever a device sends
             log.exception("emulator failed to handle topic=%s", topic)
             return
         self.requests_handled += 1
+        if self._drops and publishes and self._dropping(topic, "reply"):
+            publishes = publishes[1:]  # the reply comes first; notifications still go out
         self._send(publishes)
         self._schedule_tick()
 
@@ -239,3 +273,20 @@ class Emulator:
         self._timer = None
         self._send(self.service.tick())
         self._schedule_tick()
+
+
+def _operation(topic: str) -> str | None:
+    """The device operation a request topic names (``$aws/things/<t>/jobs/...``)."""
+    parts = topic.split("/")
+    if len(parts) < 5 or parts[:2] != ["$aws", "things"] or parts[3] != "jobs":
+        return None
+    rest = parts[4:]
+    if rest == ["get"]:
+        return "get"
+    if rest == ["start-next"]:
+        return "start-next"
+    if len(rest) == 2 and rest[1] == "get":
+        return "describe"
+    if len(rest) == 2 and rest[1] == "update":
+        return "update"
+    return None
