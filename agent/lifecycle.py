@@ -65,7 +65,7 @@ def parse_document(text: str | None, handlers: dict[str, HandlerConfig]) -> Work
         raise DocumentError("the job has no document")
     try:
         document = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         raise DocumentError("the job document is not valid JSON") from None
     if not isinstance(document, dict):
         raise DocumentError("the job document must be a JSON object like "

@@ -200,7 +200,7 @@ def _identity(user: str | None) -> tuple[str | None, dict[str, Any]]:
 def _parse_progress(line: bytes) -> dict[str, str] | None:
     try:
         value = json.loads(line)
-    except ValueError:  # includes UnicodeDecodeError
+    except (ValueError, RecursionError):  # includes UnicodeDecodeError; deep nesting
         return None
     if not isinstance(value, dict) or not value:
         return None

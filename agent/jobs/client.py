@@ -189,7 +189,7 @@ class JobsClient:
                      ) -> dict[str, Any]:
         try:
             payload = json.loads(raw or b"")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             raise InvalidResponseError(
                 f"{operation}: reply on {topic} is not JSON ({len(raw or b'')} bytes)",
                 client_token=token) from None
@@ -276,7 +276,7 @@ class JobsClient:
                 raise InvalidResponseError("not a JSON object")
             body = shapes.notify_event(payload) if kind == "notify" \
                 else shapes.notify_next_event(payload)
-        except (ValueError, UnicodeDecodeError, InvalidResponseError) as exc:
+        except (ValueError, RecursionError, InvalidResponseError) as exc:
             reason = exc.message if isinstance(exc, InvalidResponseError) else "not valid JSON"
             log.warning("ignoring malformed %s message bytes=%d reason=%s", kind,
                         len(raw or b""), reason)

@@ -164,7 +164,7 @@ def parse_request(payload: bytes) -> dict[str, Any]:
 
     try:
         request = json.loads(payload.decode("utf-8"), parse_constant=no_constants)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise Rejection("InvalidJson", f"request payload is not UTF-8 JSON: {exc}") from None
     if not isinstance(request, dict):
         raise Rejection("InvalidJson", "request payload must be a JSON object")

@@ -94,3 +94,8 @@ def test_every_conflict_is_decided(state: dict[str, object] | None, desired: str
         assert decision is Conflict.GONE  # never overwrite what the cloud decided
     else:
         assert status == "IN_PROGRESS" and decision is Conflict.RETRY
+
+
+def test_absurdly_nested_document_is_rejected_not_a_crash() -> None:
+    with pytest.raises(DocumentError, match="not valid JSON"):
+        parse_document("[" * 100_000 + "]" * 100_000, HANDLERS)
