@@ -37,6 +37,7 @@ class Agent:
         self.notifier = Notifier()
         self._stop = asyncio.Event()
         self._signals = 0
+        self._failed = False
         self._tasks: list[asyncio.Task[None]] = []
 
     def request_stop(self, signum: int | None = None) -> None:
@@ -82,7 +83,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped")
-        return 0
+        return 1 if self._failed else 0
 
     # ------------------------------------------------------------------ helpers
 
@@ -110,6 +111,7 @@ class Agent:
         exc = task.exception()
         log.critical("internal task %s died: %s: %s; stopping", task.get_name(),
                      type(exc).__name__, exc)
+        self._failed = True  # exit non-zero, so Restart=on-failure brings the agent back
         self._stop.set()
 
     def _on_connection(self, event: ConnectionEvent, dispatcher: Dispatcher) -> None:

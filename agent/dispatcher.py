@@ -113,11 +113,14 @@ class Dispatcher:
             try:
                 await self.sync()
                 attempt = 0
-            except AgentError as exc:
+            except Exception as exc:  # the loop that takes jobs must outlive any one failure
                 attempt += 1
                 delay = backoff(attempt, low=1.0, high=min(60.0, self.config.poll_interval))
-                log.warning("sync failed, retrying in=%.1fs error=%s: %s", delay,
-                            type(exc).__name__, exc)
+                if isinstance(exc, AgentError):
+                    log.warning("sync failed, retrying in=%.1fs error=%s: %s", delay,
+                                type(exc).__name__, exc)
+                else:
+                    log.exception("sync failed unexpectedly, retrying in=%.1fs", delay)
                 await asyncio.sleep(delay)
                 self._wake.set()
 
@@ -208,7 +211,9 @@ class Dispatcher:
                      job_id, number, exc.code)
             await self.journal.done(key)
             return
-        new_version = reply["executionState"]["versionNumber"]
+        state = reply.get("executionState")
+        # Asked for, but a reply without it still means "accepted": one version further.
+        new_version = state["versionNumber"] if state else version + 1
         await self.journal.update(key, state="running", version=new_version)
         self._launch(key, work, new_version, step)
         log.info("job claimed job_id=%s execution=%d handler=%s step_timeout=%dm", job_id,

@@ -41,6 +41,12 @@ log = logging.getLogger("agent.jobs")
 _EVENT_QUEUE_SIZE = 256
 
 
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Mark an abandoned request's outcome as seen, so asyncio does not warn about it."""
+    if not future.cancelled():
+        future.exception()
+
+
 @dataclass(frozen=True)
 class JobsEvent:
     """A notification from the Jobs service, already in boto3 shape.
@@ -160,7 +166,11 @@ class JobsClient:
             future = self._rr.make_request(options)
             # The CRT times the request out itself; the outer bound only guards against a
             # future the CRT never completes (e.g. the client was torn down underneath us).
-            response = await asyncio.wait_for(asyncio.wrap_future(future), self._timeout + 5)
+            # Shielded: a caller that gives up must not cancel the CRT's own future, which the
+            # CRT completes later from its thread (set_result on a cancelled future raises there).
+            waiter = asyncio.wrap_future(future)
+            waiter.add_done_callback(_consume)
+            response = await asyncio.wait_for(asyncio.shield(waiter), self._timeout + 5)
         except TimeoutError:
             raise RequestTimeoutError(
                 f"{operation}: no reply from the Jobs service within {self._timeout}s "

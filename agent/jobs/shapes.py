@@ -261,24 +261,30 @@ def _convert(raw: object, fields: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def summary(raw: object, where: str = "JobExecutionSummary") -> dict[str, Any]:
-    out = _convert(raw, _SUMMARY_FIELDS, where)
-    if "jobId" not in out:
-        raise InvalidResponseError(f"{where} has no jobId")
+def _require(out: dict[str, Any], keys: tuple[str, ...], where: str) -> dict[str, Any]:
+    """The model marks nothing required, but the service always sends these and nothing can be
+    decided without them: a reply that lacks one is malformed, not a reason to guess."""
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise InvalidResponseError(f"{where} has no {', '.join(missing)}")
     return out
 
 
+def summary(raw: object, where: str = "JobExecutionSummary") -> dict[str, Any]:
+    return _require(_convert(raw, _SUMMARY_FIELDS, where),
+                    ("jobId", "versionNumber", "executionNumber"), where)
+
+
 def execution(raw: object, where: str = "execution") -> dict[str, Any]:
-    out = _convert(raw, _EXECUTION_FIELDS, where)
-    if "jobId" not in out:
-        raise InvalidResponseError(f"{where} has no jobId")
-    if "status" in out and out["status"] not in STATUSES:
+    out = _require(_convert(raw, _EXECUTION_FIELDS, where),
+                   ("jobId", "status", "versionNumber", "executionNumber"), where)
+    if out["status"] not in STATUSES:
         raise InvalidResponseError(f"{where}.status {out['status']!r} is not a job status")
     return out
 
 
 def execution_state(raw: object, where: str = "executionState") -> dict[str, Any]:
-    return _convert(raw, _STATE_FIELDS, where)
+    return _require(_convert(raw, _STATE_FIELDS, where), ("status", "versionNumber"), where)
 
 
 def _summaries(raw: object, where: str) -> list[dict[str, Any]]:

@@ -281,3 +281,22 @@ def test_sd_notify_ready_status_and_stopping(thing: Thing, tmp_path: Path) -> No
     ready = next(m for m in messages if "READY=1" in m)
     assert "STATUS=" in ready
     assert any(m.startswith("STATUS=") or "\nSTATUS=" in m for m in messages)
+
+
+def test_handler_ending_while_a_progress_update_is_in_flight(thing: Thing,
+                                                             tmp_path: Path) -> None:
+    """The progress loop is cancelled mid-request when a handler exits; the CRT must not be
+    left completing a cancelled future (it printed "Exception ignored ... InvalidStateError")."""
+    h = handlers(tmp_path, chatty=(
+        'for i in 1 2 3 4 5 6 7 8; do echo "{\\"progress\\": $i}" >&3; sleep 0.03; done\n'))
+    jobs = [thing.j(f"chatty{i}") for i in range(8)]
+    with AgentProcess(thing.stack, thing.name, tmp_path / "agent", h,
+                      progress_interval="10ms") as agent:
+        agent.wait_ready()
+        for job in jobs:
+            thing.emulator.create_job(job, [thing.name], {"operation": "chatty"})
+        for job in jobs:
+            assert agent.wait_status(job)["status"] == "SUCCEEDED"
+        assert agent.stop() == 0
+    log = agent.log()
+    assert "Traceback" not in log and "Exception ignored" not in log, log

@@ -12,7 +12,7 @@ with hypothesis from the wire payloads the emulator itself produces (so truncati
 wrong-type mutations start from the real shapes), and published with
 :meth:`Emulator.publish_raw` as the service identity, which may publish on every thing's topics.
 One agent serves the barrage tests (starting one per example would take minutes); the tests that
-corrupt a reply to the agent's own request start their own, since today such a reply stops it.
+corrupt a reply to the agent's own request start their own, since a bug there can stop it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ THING_TOPICS = ("notify", "notify-next", "get/accepted", "get/rejected", "start-
                 "{job}/get/accepted", "{job}/update/accepted", "{job}/update/rejected")
 OTHER_TOPICS = ("notify", "notify-next")  # of another thing: the agent must never see them
 
-SENTINEL_SIZE = 65_521  # no generated payload has this length (see _payloads)
+SENTINEL_SIZE = 65_521  # no payloads() draw is this long (oversized ones are >= 90 KB)
 BIG = (90_000, 100_000)  # "oversized": well under mosquitto's default message_size_limit
 DEEP = 5_000  # arrays nested deeper than Python's json parser can recurse
 # A deep nesting that the CRT's JSON parser (cJSON, limit 1000) still reads, so that it finds the
@@ -63,7 +63,10 @@ def handlers_for(directory: Path, runs: Path) -> dict[str, dict[str, object]]:
     """``once`` records its run; ``gated`` records its run, reports progress until ``$1`` exists.
 
     Every handler appends ``$JOB_ID`` to ``runs``, so the file is the list of every job the agent
-    ever started: a job started by a forged notification would show up there.
+    ever started: a job started by a forged notification would show up there. ``gated`` goes
+    quiet for a moment before it exits: a progress update still in flight when a handler ends
+    has its request future cancelled by the agent, and the CRT then prints an InvalidStateError
+    traceback when the reply comes; that race is not about payloads and is not tested here.
     """
     once = write_handler(directory, "once.sh", f'echo "$JOB_ID" >> {runs}\n')
     gated = write_handler(directory, "gated.sh", (
@@ -74,15 +77,21 @@ def handlers_for(directory: Path, runs: Path) -> dict[str, dict[str, object]]:
         '  echo "{\\"progress\\": $n}" >&"$JOB_PROGRESS_FD"\n'
         "  sleep 0.05\n"
         "done\n"
+        "sleep 0.6\n"  # > progress_interval: no update in flight at exit
         "echo gate opened\n"))
     return {"once": {"command": [str(once)], "timeout": "20s"},
             "gated": {"command": [str(gated)], "timeout": "20s"}}
 
 
-def log_problems(text: str) -> list[str]:
-    """ERROR/CRITICAL lines and tracebacks (the agent's formatter never prints a traceback itself:
-    one in the log comes from an exception that escaped into asyncio or the interpreter)."""
-    return [line for line in text.splitlines() if _LOG_PROBLEM.search(line)]
+def log_problems(text: str, context: int = 25) -> list[str]:
+    """ERROR/CRITICAL lines and tracebacks, each with the ``context`` lines after it.
+
+    The agent's formatter never prints a traceback itself: one in the log comes from an
+    exception that escaped into asyncio or the interpreter.
+    """
+    lines = text.splitlines()
+    return ["\n".join(line[:400] for line in lines[i:i + context])
+            for i, line in enumerate(lines) if _LOG_PROBLEM.search(line)]
 
 
 def log_since(agent: AgentProcess, mark: int) -> str:
@@ -393,7 +402,7 @@ def check_survived(rig: Rig, mark: int, where: Path) -> None:
         f"agent exited {rig.agent.process.returncode}; barrage in {where}:\n"
         f"{log_since(rig.agent, mark)[-5000:]}")
     problems = log_problems(log_since(rig.agent, mark))
-    assert not problems, f"barrage in {where}:\n" + "\n".join(p[:400] for p in problems[:20])
+    assert not problems, f"barrage in {where}:\n" + "\n--\n".join(problems[:5])
 
 
 # --------------------------------------------------------------------------- tests
@@ -536,19 +545,27 @@ def test_deeply_nested_notification_is_logged_as_malformed(rig: Rig, kind: str) 
 
 
 # --------------------------------------------------------------------------- corrupted replies
+#
+# Each builder gets the agent's clientToken, the thing, the job and, for a request the emulator
+# did serve first, its real reply; it returns the bytes published on ``<request>/accepted``.
 
-def _deep(token: str, thing: str, job: str) -> bytes:
+Reply = Callable[[str, str, str, dict[str, Any] | None], bytes]
+
+
+def _deep(token: str, thing: str, job: str, real: dict[str, Any] | None) -> bytes:
     nest = DEEP_BUT_CORRELATED
     return (f'{{"clientToken": "{token}", "queuedJobs": '.encode() + b"[" * nest + b"]" * nest
             + b"}")
 
 
-def _summary_without_numbers(token: str, thing: str, job: str) -> bytes:
+def _summary_without_numbers(token: str, thing: str, job: str,
+                             real: dict[str, Any] | None) -> bytes:
     return json.dumps({"clientToken": token, "timestamp": int(time.time()),
                        "inProgressJobs": [{"jobId": f"ghost-{job}"}], "queuedJobs": []}).encode()
 
 
-def _execution_without_version(token: str, thing: str, job: str) -> bytes:
+def _execution_without_version(token: str, thing: str, job: str,
+                               real: dict[str, Any] | None) -> bytes:
     now = int(time.time())
     return json.dumps({"clientToken": token, "timestamp": now, "execution": {
         "jobId": job, "thingName": thing, "status": "QUEUED", "executionNumber": 1,
@@ -556,25 +573,33 @@ def _execution_without_version(token: str, thing: str, job: str) -> bytes:
         "jobDocument": {"operation": "once"}}}).encode()
 
 
-def _update_without_state(token: str, thing: str, job: str) -> bytes:
-    return json.dumps({"clientToken": token, "timestamp": int(time.time())}).encode()
+def _update_without_state(token: str, thing: str, job: str,
+                          real: dict[str, Any] | None) -> bytes:
+    assert real is not None
+    return json.dumps({k: v for k, v in real.items() if k != "executionState"}).encode()
 
 
-@pytest.mark.parametrize(("request_topic", "reply"), [
-    pytest.param("get", _deep, id="get-accepted-nested-990-deep"),
-    pytest.param("get", _summary_without_numbers, id="get-accepted-summary-without-numbers"),
-    pytest.param("{job}/get", _execution_without_version, id="describe-accepted-no-version"),
-    pytest.param("{job}/update", _update_without_state, id="update-accepted-no-state"),
+@pytest.mark.parametrize(("request_topic", "serve_first", "must_run", "reply"), [
+    pytest.param("get", False, True, _deep, id="get-accepted-nested-990-deep"),
+    pytest.param("get", False, True, _summary_without_numbers,
+                 id="get-accepted-summary-without-numbers"),
+    pytest.param("{job}/get", False, True, _execution_without_version,
+                 id="describe-accepted-no-version"),
+    pytest.param("{job}/update", True, False, _update_without_state,
+                 id="claim-accepted-no-execution-state"),
 ])
 def test_malformed_reply_to_the_agents_own_request_is_survived(
         thing: Thing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request_topic: str,
-        reply: Callable[[str, str, str], bytes]) -> None:
+        serve_first: bool, must_run: bool, reply: Reply) -> None:
     """A reply that does answer the agent's request (its clientToken) but is malformed.
 
     Replies with unknown tokens never reach the agent's code (the CRT drops them), so this is
     the one way a malformed reply gets in: the emulator answers the agent's first matching
-    request with ``reply`` instead of serving it. The request then failed, as a timeout would
-    have: the agent must retry and run the job, once.
+    request with ``reply``, either instead of serving it (the request did nothing: the agent
+    must retry and run the job, once) or after serving it (the claim happened in the cloud but
+    the reply lacks the new version: the agent may run the job or leave it to the step timer,
+    but never run it twice). Either way the agent must stay up: a reply is data, not a reason
+    to stop the device's only job runner.
     """
     emulator = thing.emulator
     job = thing.j("reply")
@@ -587,8 +612,13 @@ def test_malformed_reply_to_the_agents_own_request_is_survived(
             return serve(request, payload)
         corrupted.set()
         token = json.loads(payload)["clientToken"]
-        emulator.publish_raw(f"{request}/accepted", reply(token, thing.name, job))
-        return []
+        real, rest = None, []
+        if serve_first:
+            answer, *rest = serve(request, payload)
+            assert answer.topic == f"{request}/accepted", answer
+            real = answer.payload
+        emulator.publish_raw(f"{request}/accepted", reply(token, thing.name, job, real))
+        return rest  # the notifications the real request caused, if any
 
     runs = tmp_path / "runs"
     with AgentProcess(thing.stack, thing.name, tmp_path / "agent",
@@ -597,10 +627,14 @@ def test_malformed_reply_to_the_agents_own_request_is_survived(
         monkeypatch.setattr(emulator.service, "handle", handle)
         emulator.create_job(job, [thing.name], {"operation": "once"})
         wait_for(corrupted.is_set, f"the agent to request {topic}", agent=agent)
-        execution = wait_terminal(agent, job)
-        assert execution["status"] == "SUCCEEDED", execution
+        if must_run:
+            execution = wait_terminal(agent, job)
+            assert execution["status"] == "SUCCEEDED", execution
+        else:
+            time.sleep(2.5)  # past the first sync retry (backoff starts at 1 s)
         time.sleep(0.3)
         assert agent.process is not None and agent.process.poll() is None, agent.log()[-3000:]
-        assert runs.read_text().splitlines() == [job]
+        ran = runs.read_text().splitlines() if runs.exists() else []
+        assert ran == [job] if must_run else ran in ([], [job]), ran
         problems = log_problems(agent.log())
-        assert not problems, "\n".join(p[:400] for p in problems)
+        assert not problems, "\n--\n".join(problems[:5])

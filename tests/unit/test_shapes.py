@@ -42,15 +42,24 @@ def test_absent_keys_stay_absent_and_unknown_keys_are_dropped() -> None:
 
 
 def test_whole_float_seconds_are_ints_fractional_and_millis_are_refused() -> None:
-    assert shapes.summary({"jobId": "j", "queuedAt": 1700000000.0})["queuedAt"] == 1700000000
+    base = {"jobId": "j", "versionNumber": 1, "executionNumber": 1}
+    assert shapes.summary({**base, "queuedAt": 1700000000.0})["queuedAt"] == 1700000000
     with pytest.raises(InvalidResponseError, match="whole epoch seconds"):
-        shapes.summary({"jobId": "j", "queuedAt": 1700000000.5})
+        shapes.summary({**base, "queuedAt": 1700000000.5})
     with pytest.raises(InvalidResponseError, match="milliseconds"):
-        shapes.summary({"jobId": "j", "queuedAt": 1700000000000})
+        shapes.summary({**base, "queuedAt": 1700000000000})
     with pytest.raises(InvalidResponseError, match="queuedAt"):
-        shapes.summary({"jobId": "j", "queuedAt": "yesterday"})
+        shapes.summary({**base, "queuedAt": "yesterday"})
     with pytest.raises(InvalidResponseError, match="versionNumber"):
-        shapes.summary({"jobId": "j", "versionNumber": True})
+        shapes.summary({**base, "versionNumber": True})
+
+
+@pytest.mark.parametrize("missing", ["jobId", "versionNumber", "executionNumber"])
+def test_summary_without_what_the_agent_decides_on_is_malformed(missing: str) -> None:
+    raw = {"jobId": "j", "versionNumber": 1, "executionNumber": 1}
+    del raw[missing]
+    with pytest.raises(InvalidResponseError, match=f"has no {missing}"):
+        shapes.summary(raw)
 
 
 @pytest.mark.parametrize("payload", [
