@@ -103,7 +103,11 @@ def _step_timeout(value: object) -> int:
 
 
 def status_details_problem(details: object) -> str | None:
-    """Why ``details`` is not a valid statusDetails map, or None; the emulator shares it."""
+    """Why ``details`` is not a valid statusDetails map, or None.
+
+    The emulator validates with its own code (agent/sandbox/_validate.py) on purpose: a referee
+    that shared the client's checks would share its bugs.
+    """
     if not isinstance(details, dict):
         return f"statusDetails must be a map of strings, got {type(details).__name__}"
     for key, value in details.items():

@@ -210,14 +210,21 @@ def reboot_setup(tmp_path: Path, *, verify: str | None = None) -> tuple[dict[str
     return {"update": handler}, boot_id, reboots, settings
 
 
+def start_rebooting_job(thing: Thing, tmp_path: Path, name: str, *,
+                        verify: str | None = None) -> tuple[AgentProcess, str, Path]:
+    """An agent whose job has asked for a reboot and seen the reboot command run."""
+    h, boot_id, reboots, settings = reboot_setup(tmp_path, verify=verify)
+    job = thing.j(name)
+    agent = AgentProcess(thing.stack, thing.name, tmp_path / "agent", h, **settings).start()
+    agent.wait_ready()
+    thing.emulator.create_job(job, [thing.name], {"operation": "update"})
+    wait_for(reboots.exists, what="reboot command")
+    return agent, job, boot_id
+
+
 def test_reboot_then_resume_succeeds(thing: Thing, tmp_path: Path) -> None:
-    h, boot_id, reboots, settings = reboot_setup(tmp_path)
-    job = thing.j("reboot")
-    agent = AgentProcess(thing.stack, thing.name, tmp_path / "agent", h, **settings)
+    agent, job, boot_id = start_rebooting_job(thing, tmp_path, "reboot")
     with agent:
-        agent.wait_ready()
-        thing.emulator.create_job(job, [thing.name], {"operation": "update"})
-        wait_for(reboots.exists, what="reboot command")
         rebooting = thing.emulator.execution(job, thing.name)
         assert rebooting["status"] == "IN_PROGRESS"
         assert rebooting["statusDetails"]["step"] == "rebooting"  # delivered before rebooting
@@ -231,14 +238,9 @@ def test_reboot_then_resume_succeeds(thing: Thing, tmp_path: Path) -> None:
 
 
 def test_reboot_verify_phase_decides(thing: Thing, tmp_path: Path) -> None:
-    h, boot_id, reboots, settings = reboot_setup(tmp_path, verify="echo verify failed >&2\n"
-                                                                   "exit 4\n")
-    job = thing.j("verify")
-    agent = AgentProcess(thing.stack, thing.name, tmp_path / "agent", h, **settings)
+    agent, job, boot_id = start_rebooting_job(thing, tmp_path, "verify",
+                                              verify="echo verify failed >&2\nexit 4\n")
     with agent:
-        agent.wait_ready()
-        thing.emulator.create_job(job, [thing.name], {"operation": "update"})
-        wait_for(reboots.exists, what="reboot command")
         agent.stop()
         boot_id.write_text("boot-2\n")
         agent.start()
@@ -249,13 +251,8 @@ def test_reboot_verify_phase_decides(thing: Thing, tmp_path: Path) -> None:
 
 
 def test_reboot_that_did_not_happen_fails(thing: Thing, tmp_path: Path) -> None:
-    h, _boot_id, reboots, settings = reboot_setup(tmp_path)
-    job = thing.j("noreboot")
-    agent = AgentProcess(thing.stack, thing.name, tmp_path / "agent", h, **settings)
+    agent, job, _boot_id = start_rebooting_job(thing, tmp_path, "noreboot")
     with agent:
-        agent.wait_ready()
-        thing.emulator.create_job(job, [thing.name], {"operation": "update"})
-        wait_for(reboots.exists, what="reboot command")
         agent.kill()
         agent.start()  # same boot id: the reboot never happened
         execution = agent.wait_status(job)
@@ -264,13 +261,8 @@ def test_reboot_that_did_not_happen_fails(thing: Thing, tmp_path: Path) -> None:
 
 
 def test_job_canceled_during_the_reboot(thing: Thing, tmp_path: Path) -> None:
-    h, boot_id, reboots, settings = reboot_setup(tmp_path)
-    job = thing.j("cancelreboot")
-    agent = AgentProcess(thing.stack, thing.name, tmp_path / "agent", h, **settings)
+    agent, job, boot_id = start_rebooting_job(thing, tmp_path, "cancelreboot")
     with agent:
-        agent.wait_ready()
-        thing.emulator.create_job(job, [thing.name], {"operation": "update"})
-        wait_for(reboots.exists, what="reboot command")
         agent.kill()
         thing.emulator.cancel_job(job, force=True)  # canceled while the device was down
         updates_before = len(agent.updates())
