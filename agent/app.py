@@ -36,6 +36,7 @@ class Agent:
         self.config = config
         self.notifier = Notifier()
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()
         self._signals = 0
         self._failed = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -44,6 +45,8 @@ class Agent:
         """Called from the signal handler: only record it (no I/O in a signal handler)."""
         self._signals += 1
         self._stop.set()
+        if self._signals > 1:
+            self._force.set()  # a second signal: stop handlers now, do not wait the grace
 
     async def serve(self) -> int:
         self._prepare_state_dir()
@@ -74,7 +77,7 @@ class Agent:
         log.info("stopping: no new jobs; running=%d grace=%.0fs", len(dispatcher.running),
                  self.config.shutdown_grace)
         self.notifier.stopping(f"stopping, {len(dispatcher.running)} job(s) running")
-        await dispatcher.shutdown(self.config.shutdown_grace)
+        await dispatcher.shutdown(self.config.shutdown_grace, self._force)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

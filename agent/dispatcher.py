@@ -455,8 +455,9 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ shutdown
 
-    async def shutdown(self, grace: float) -> None:
-        """Stop claiming; give handlers ``grace`` seconds; stop the rest and report them."""
+    async def shutdown(self, grace: float, force: asyncio.Event | None = None) -> None:
+        """Stop claiming; give handlers ``grace`` seconds (cut short by ``force``, a second
+        signal); stop the rest and report them."""
         self._stopping = True
         self._wake.set()
         # A sync in flight may be claiming a job right now: let it finish, so that job is
@@ -467,11 +468,22 @@ class Dispatcher:
         tasks = [job.task for job in self.running.values() if job.task is not None]
         if tasks:
             log.info("waiting for running handlers jobs=%d grace=%.0fs", len(tasks), grace)
-            _, late = await asyncio.wait(tasks, timeout=grace)
+            everything = asyncio.gather(*tasks, return_exceptions=True)
+            forced = asyncio.ensure_future((force or asyncio.Event()).wait())
+            await asyncio.wait({everything, forced}, timeout=grace,
+                               return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
+            late = {t for t in tasks if not t.done()}
+            if late and force is not None and force.is_set():
+                log.warning("second signal: not waiting for running handlers")
+            forced_now = force is not None and force.is_set()
             for job in list(self.running.values()):
                 if job.task in late and job.process is not None:
-                    job.interrupted = (f"the agent was stopped and the handler did not finish "
-                                       f"within {grace:.0f}s")
+                    job.interrupted = (
+                        "the agent was stopped at once (second signal) before the handler "
+                        "finished" if forced_now else
+                        f"the agent was stopped and the handler did not finish within "
+                        f"{grace:.0f}s")
                     await job.process.cancel(job.interrupted)
             if late:
                 await asyncio.wait(late, timeout=self.config.kill_grace + _FINAL_REPORT_GRACE + 5)

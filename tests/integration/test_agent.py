@@ -300,3 +300,25 @@ def test_handler_ending_while_a_progress_update_is_in_flight(thing: Thing,
         assert agent.stop() == 0
     log = agent.log()
     assert "Traceback" not in log and "Exception ignored" not in log, log
+
+
+def test_second_signal_cuts_the_grace_short(thing: Thing, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    h = handlers(tmp_path, stubborn=f"echo $$ > {pidfile}\nsleep 60 &\nwait\n")
+    job = thing.j("force")
+    with AgentProcess(thing.stack, thing.name, tmp_path / "agent", h,
+                      shutdown_grace="60s") as agent:
+        agent.wait_ready()
+        thing.emulator.create_job(job, [thing.name], {"operation": "stubborn"})
+        agent.wait_status(job, {"IN_PROGRESS"})
+        agent.wait_log("handler started")
+        started = time.monotonic()
+        agent.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        agent.wait_log("waiting for running handlers")
+        agent.process.send_signal(signal.SIGINT)  # type: ignore[union-attr]
+        assert agent.stop() == 0
+        assert time.monotonic() - started < 20  # not the 60 s grace
+    execution = thing.emulator.execution(job, thing.name)
+    assert execution["status"] == "FAILED"
+    assert execution["statusDetails"]["reason"].startswith("interrupted: the agent was stopped")
+    assert live_group_members(int(pidfile.read_text())) == []
