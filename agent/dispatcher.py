@@ -153,12 +153,15 @@ class Dispatcher:
             if key in self.running:
                 continue
             try:
-                if await self.journal.get(key) is not None:
-                    continue  # ours already: never claimed twice, whatever the cloud says
+                record = await self.journal.get(key)
             except JournalError as exc:
                 self._refuse(str(exc))
                 return
-            await self._claim(key)
+            if record is None:
+                await self._claim(key)
+            elif record.state == "claiming":
+                await self._settle_claim(key)  # an earlier claim whose answer never came
+            # else: ours already; never claimed twice, whatever the cloud says
 
     def _refuse(self, reason: str) -> None:
         if self.refusing is None:
@@ -211,6 +214,12 @@ class Dispatcher:
                      job_id, number, exc.code)
             await self.journal.done(key)
             return
+        except AgentError as exc:
+            # No answer: the claim may or may not have been applied. Ask, then decide.
+            log.warning("claim not confirmed job_id=%s execution=%d error=%s; checking",
+                        job_id, number, exc)
+            await self._settle_claim(key)
+            return
         state = reply.get("executionState")
         # Asked for, but a reply without it still means "accepted": one version further.
         new_version = state["versionNumber"] if state else version + 1
@@ -218,6 +227,26 @@ class Dispatcher:
         self._launch(key, work, new_version, step)
         log.info("job claimed job_id=%s execution=%d handler=%s step_timeout=%dm", job_id,
                  number, work.operation, step)
+
+    async def _settle_claim(self, key: ExecutionKey) -> None:
+        """A claim whose answer never came: the cloud's status says whether it was applied."""
+        record = await self.journal.get(key)
+        if record is None:
+            return
+        status, version = await self._cloud_status(key)  # AgentError: try again next sync
+        if status == "QUEUED":
+            await self.journal.forget(key)  # not applied: claim it afresh
+            self._wake.set()
+        elif status == "IN_PROGRESS" and version is not None:
+            work = parse_document_record(record, self.config)
+            if work is None:
+                await self.journal.done(key)
+                return
+            await self.journal.update(key, state="running", version=version)
+            self._launch(key, work, version, record.step_minutes)
+            log.info("claim confirmed job_id=%s execution=%d", *key)
+        else:
+            await self.journal.done(key)  # ended in the cloud meanwhile
 
     def _reporter(self, key: ExecutionKey, version: int, step: int) -> Reporter:
         return Reporter(self.jobs, self.thing, key[0], key[1], version, step_minutes=step,
@@ -267,7 +296,11 @@ class Dispatcher:
             if watcher is not None:
                 watcher.cancel()
             reporter.close()
-        await self._report(job, result)
+        try:
+            await self._report(job, result)
+        except Exception:  # e.g. the journal became unwritable: never leave a job "running"
+            log.exception("could not report %s; the outbox or the next start will", job.where)
+            self._done(job)
 
     async def _stop_when_gone(self, job: RunningJob) -> None:
         await job.reporter.gone.wait()

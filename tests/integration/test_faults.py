@@ -317,3 +317,21 @@ def test_full_disk_refuses_new_jobs_then_recovers(thing: Thing, tmp_path: Path) 
         assert execution["status"] == "SUCCEEDED"
     finally:
         subprocess.run(["umount", "-l", str(state)], capture_output=True)
+
+
+@pytest.mark.parametrize("lost", ["request", "reply"])
+def test_claim_whose_answer_never_came(thing: Thing, tmp_path: Path, lost: str) -> None:
+    """The claim update times out: applied or not, the job runs exactly once."""
+    runs = tmp_path / "runs"
+    path = write_handler(tmp_path / "handlers", "once.sh", f"echo run >> {runs}\n")
+    job = thing.j(f"claim-{lost}")
+    with AgentProcess(thing.stack, thing.name, tmp_path / "agent",
+                      {"once": {"command": [str(path)]}}) as agent:
+        agent.wait_ready()
+        thing.emulator.drop(1, {"update"}, what=lost)
+        thing.emulator.create_job(job, [thing.name], {"operation": "once"})
+        execution = agent.wait_status(job, timeout=40)
+        assert "claim not confirmed" in agent.log()
+        assert agent.stop() == 0
+    assert execution["status"] == "SUCCEEDED"
+    assert runs.read_text().splitlines() == ["run"]
