@@ -1,9 +1,11 @@
 """``iot-jobs-agent sandbox``: the whole thing, locally, in one command, no AWS account.
 
-Starts certificates + mutual-TLS Mosquitto + the Jobs emulator, registers a sandbox thing, writes
-``DIR/agent.yaml`` with the example handlers (usable with every ``--config`` command) and
-``DIR/sandbox.json`` (for scripts), starts the real agent as a separate process exactly as systemd
-would, queues a demo job and shows it being handled. ``--no-agent`` runs only the cloud side.
+Starts certificates + mutual-TLS Mosquitto + the Jobs emulator with its boto3-compatible HTTP
+control and data planes, registers a sandbox thing, writes ``DIR/agent.yaml`` with the example
+handlers (usable with every ``--config`` command) and ``DIR/sandbox.json`` (for scripts: the MQTT
+details, both HTTP endpoints and the region), starts the real agent as a separate process exactly
+as systemd would, queues a demo job and shows it being handled. ``--no-agent`` runs only the
+cloud side, for users who run the agent themselves and drive it with boto3.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def run_sandbox(directory: Path, *, once: bool, agent: bool = True) -> int:
     directory = directory.resolve()
     for stale in ("things", "state"):  # the emulator's state died with its last process
         shutil.rmtree(directory / stale, ignore_errors=True)
+    (directory / "sandbox.json").unlink(missing_ok=True)  # its endpoints died with it too
     with Stack(directory) as stack:
         assert stack.broker is not None and stack.emulator is not None and stack.pki is not None
         config = yaml.safe_load(stack.thing(SANDBOX_THING).read_text())
@@ -90,15 +93,26 @@ def run_sandbox(directory: Path, *, once: bool, agent: bool = True) -> int:
         agent_yaml = directory / "agent.yaml"
         agent_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
         identity = stack.pki.client(SANDBOX_THING)
-        (directory / "sandbox.json").write_text(json.dumps({
+        info = {
             "thing_name": SANDBOX_THING,
             "mqtt": {"endpoint": stack.broker.host, "port": stack.broker.port,
                      "cert": str(identity.cert), "key": str(identity.key),
                      "ca": str(stack.pki.ca_cert)},
-        }, indent=2) + "\n")
+            "control_endpoint": stack.control_endpoint,
+            "data_endpoint": stack.data_endpoint,
+            "region": stack.region,
+            "account_id": stack.account_id,
+        }
+        # Written whole, then renamed: a script polling for the file never reads half of it.
+        partial = directory / "sandbox.json.tmp"
+        partial.write_text(json.dumps(info, indent=2) + "\n")
+        partial.replace(directory / "sandbox.json")
         _say(f"mosquitto (mutual TLS) on {stack.broker.host}:{stack.broker.port}; "
              "Jobs emulator connected")
-        _say(f"thing {SANDBOX_THING}; agent config {agent_yaml}")
+        _say(f"control plane, boto3.client('iot'): {stack.control_endpoint}")
+        _say(f"data plane, boto3.client('iot-jobs-data'): {stack.data_endpoint}")
+        _say(f"region {stack.region}; thing {SANDBOX_THING}; agent config {agent_yaml}; "
+             f"all of it in {directory / 'sandbox.json'}")
         process = None
         if agent:
             cmd = [sys.executable, "-m", "agent", "run", "--config", str(agent_yaml)]
@@ -135,6 +149,8 @@ def _demo(stack: Stack, agent_yaml: Path, process: subprocess.Popen[bytes] | Non
     if once:
         _say("OK" if ok else "FAILED")
         return 0 if ok else 1
+    if process is None:
+        _say(f"no agent started; run one: iot-jobs-agent run --config {agent_yaml}")
     _say(f"running. Try: iot-jobs-agent pending --config {agent_yaml}  (Ctrl-C stops)")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

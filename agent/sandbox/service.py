@@ -216,6 +216,10 @@ class JobsService:
         """Register a thing (idempotent), so jobs may target it and it may use the device API."""
         self._things.setdefault(check.thing_name(thing_name), {})
 
+    def things(self) -> list[str]:
+        """Every registered thing name, sorted."""
+        return sorted(self._things)
+
     def create_job(
         self,
         job_id: str,

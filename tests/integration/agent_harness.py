@@ -54,6 +54,7 @@ class AgentProcess:
         return self.stack.emulator
 
     def start(self) -> AgentProcess:
+        assert self.process is None or self.process.poll() is not None, "agent already running"
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",
                                                                 "JOURNAL_STREAM")}
         if self.notify_socket is not None:
@@ -116,7 +117,9 @@ class AgentProcess:
         return [entry[2] for entry in history if entry[0] == self.thing and entry[1] == "update"]
 
     def __enter__(self) -> AgentProcess:
-        return self.start()
+        if self.process is None or self.process.poll() is not None:
+            self.start()  # not twice: a second agent for the same thing would be an impostor
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:
