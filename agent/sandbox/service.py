@@ -38,19 +38,13 @@ import copy
 import functools
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
 from agent.sandbox import _validate as check
 from agent.sandbox._validate import OPERATIONS, Rejection
+from agent.sandbox.records import MAX_PENDING_LISTED, PENDING, Execution, Fault, Job, Publish
 
 __all__ = ["JobsService", "Publish", "Rejection"]
-
-PENDING: Final = frozenset({"QUEUED", "IN_PROGRESS"})
-"""Statuses that keep an execution in a device's pending list; every other status is terminal."""
-
-MAX_PENDING_LISTED: Final = 10
-"""GetPendingJobExecutions and the ``notify`` payload list at most 10 executions."""
 
 _NOT_INJECTABLE: Final = frozenset({"VersionMismatch", "InvalidStateTransition"})
 """Injected faults carry no executionState, so codes that promise one cannot be injected."""
@@ -65,108 +59,6 @@ _COUNTERS: Final = {
     "REMOVED": "numberOfRemovedThings",
     "CANCELED": "numberOfCanceledThings",
 }
-
-
-@dataclass(frozen=True)
-class Publish:
-    """One MQTT message the service wants sent; the front ``json.dumps`` the payload."""
-
-    topic: str
-    payload: dict[str, Any]
-
-
-@dataclass
-class _Job:
-    job_id: str
-    targets: list[str]
-    document: dict[str, Any]
-    created_at: int
-    last_updated_at: int
-    timeout_minutes: int | None = None
-    description: str | None = None
-    status: str = "IN_PROGRESS"
-    completed_at: int | None = None
-    comment: str | None = None
-    reason_code: str | None = None
-    force_canceled: bool | None = None
-
-
-@dataclass
-class _Execution:
-    job: _Job
-    thing_name: str
-    execution_number: int
-    seq: int  # creation order, breaks ties between executions queued in the same second
-    queued_at: int
-    last_updated_at: int
-    status: str = "QUEUED"
-    status_details: dict[str, str] = field(default_factory=dict)
-    version_number: int = 1
-    started_at: int | None = None
-    step_deadline: int | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """JobExecutionSummary; ``startedAt`` is absent (never None) until the execution starts."""
-        out: dict[str, Any] = {"jobId": self.job.job_id, "queuedAt": self.queued_at}
-        if self.started_at is not None:
-            out["startedAt"] = self.started_at
-        out.update(
-            lastUpdatedAt=self.last_updated_at,
-            versionNumber=self.version_number,
-            executionNumber=self.execution_number,
-        )
-        return out
-
-    def record(self, include_document: bool = True) -> dict[str, Any]:
-        """JobExecution as sent over MQTT (no ``approximateSecondsBeforeTimedOut``)."""
-        out = self.summary()
-        out.update(
-            thingName=self.thing_name, status=self.status, statusDetails=dict(self.status_details)
-        )
-        if include_document:
-            out["jobDocument"] = copy.deepcopy(self.job.document)
-        return out
-
-    def state(self) -> dict[str, Any]:
-        """JobExecutionState; also the ``executionState`` a VersionMismatch or
-        InvalidStateTransition rejection carries."""
-        return {
-            "status": self.status,
-            "statusDetails": dict(self.status_details),
-            "versionNumber": self.version_number,
-        }
-
-    def deadline(self) -> int | None:
-        """When this execution times out: the earlier of its step timer and the job's
-        inProgressTimeoutInMinutes counted from ``startedAt``; None when neither applies."""
-        if self.status != "IN_PROGRESS":
-            return None
-        times = [] if self.step_deadline is None else [self.step_deadline]
-        if self.job.timeout_minutes is not None and self.started_at is not None:
-            times.append(self.started_at + self.job.timeout_minutes * 60)
-        return min(times, default=None)
-
-    def set_step_timer(self, minutes: int | None, now: int) -> None:
-        """A given step timeout (re)starts the timer of an IN_PROGRESS execution; -1 stops it."""
-        if minutes is not None and self.status == "IN_PROGRESS":
-            self.step_deadline = None if minutes == -1 else now + minutes * 60
-
-    def transition(self, status: str, now: int) -> None:
-        """Every status change bumps versionNumber; leaving IN_PROGRESS ends the step timer."""
-        if status == "IN_PROGRESS" and self.started_at is None:
-            self.started_at = now
-        if status not in PENDING:
-            self.step_deadline = None
-        self.status = status
-        self.version_number += 1
-        self.last_updated_at = now
-
-
-@dataclass
-class _Fault:
-    code: str
-    remaining: int
-    operations: frozenset[str]
 
 
 _T = TypeVar("_T")
@@ -202,11 +94,11 @@ class JobsService:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._things: dict[str, dict[str, _Execution]] = {}  # thing -> job id -> execution
-        self._jobs: dict[str, _Job] = {}
+        self._things: dict[str, dict[str, Execution]] = {}  # thing -> job id -> execution
+        self._jobs: dict[str, Job] = {}
         self._execution_numbers: dict[tuple[str, str], int] = {}  # survives deletions
         self._seq = 0
-        self._faults: list[_Fault] = []
+        self._faults: list[Fault] = []
         self._history: list[tuple[str, str, dict[str, Any]]] = []
         self._serving = False  # inside a device request (see _device)
 
@@ -248,14 +140,14 @@ class JobsService:
         if job_id in self._jobs:
             raise Rejection("ResourceAlreadyExists", f"job {job_id} already exists")
         now = self._now()
-        job = _Job(job_id, things, document, now, now, timeout, description)
+        job = Job(job_id, things, document, now, now, timeout, description)
         before = self._snapshot(things)
         self._jobs[job_id] = job
         for thing in things:
             number = self._execution_numbers.get((job_id, thing), 0) + 1
             self._execution_numbers[job_id, thing] = number
             self._seq += 1
-            self._things[thing][job_id] = _Execution(job, thing, number, self._seq, now, now)
+            self._things[thing][job_id] = Execution(job, thing, number, self._seq, now, now)
         return self._notifications(before)
 
     def cancel_job(
@@ -606,7 +498,7 @@ class JobsService:
         if not chosen <= set(OPERATIONS):
             raise ValueError(f"unknown operations {sorted(chosen - set(OPERATIONS))}")
         if count:
-            self._faults.append(_Fault(code, count, chosen))
+            self._faults.append(Fault(code, count, chosen))
 
     @property
     def history(self) -> list[tuple[str, str, dict[str, Any]]]:
@@ -659,14 +551,14 @@ class JobsService:
             return self.describe_execution(thing, job_id, **kwargs), []
         return self.update_execution(thing, job_id, **kwargs)
 
-    def _thing(self, thing_name: str) -> dict[str, _Execution]:
+    def _thing(self, thing_name: str) -> dict[str, Execution]:
         """The executions of an existing thing, by job id (``ResourceNotFound`` if unknown)."""
         executions = self._things.get(check.thing_name(thing_name))
         if executions is None:
             raise Rejection("ResourceNotFound", f"thing {thing_name} does not exist")
         return executions
 
-    def _job(self, job_id: str) -> _Job:
+    def _job(self, job_id: str) -> Job:
         job = self._jobs.get(check.job_id(job_id))
         if job is None:
             raise Rejection("ResourceNotFound", f"job {job_id} does not exist")
@@ -679,7 +571,7 @@ class JobsService:
         number: int | None = None,
         *,
         required_number: bool = False,
-    ) -> _Execution:
+    ) -> Execution:
         """The current execution of ``job_id`` on a thing; ``number``, if given, must be its
         executionNumber (older runs no longer exist once deleted)."""
         check.job_id(job_id)
@@ -695,14 +587,14 @@ class JobsService:
             )
         return execution
 
-    def _executions_of(self, job: _Job) -> list[_Execution]:
+    def _executions_of(self, job: Job) -> list[Execution]:
         return [
             execution
             for thing in job.targets
             if (execution := self._things[thing].get(job.job_id)) is not None
         ]
 
-    def _settle(self, job: _Job) -> None:
+    def _settle(self, job: Job) -> None:
         """A running job completes once none of its executions is pending any more."""
         if job.status == "IN_PROGRESS" and all(
             e.status not in PENDING for e in self._executions_of(job)
@@ -711,7 +603,7 @@ class JobsService:
             job.completed_at = job.last_updated_at = self._now()
 
     @staticmethod
-    def _job_summary(job: _Job) -> dict[str, Any]:
+    def _job_summary(job: Job) -> dict[str, Any]:
         out: dict[str, Any] = {
             "jobId": job.job_id,
             "targetSelection": "SNAPSHOT",
@@ -724,15 +616,15 @@ class JobsService:
         return out
 
     @staticmethod
-    def _pending(executions: dict[str, _Execution]) -> list[_Execution]:
+    def _pending(executions: dict[str, Execution]) -> list[Execution]:
         """A thing's pending list in service order: IN_PROGRESS first, then by queueing."""
         pending = [e for e in executions.values() if e.status in PENDING]
         return sorted(pending, key=lambda e: (e.status != "IN_PROGRESS", e.seq))
 
-    def _snapshot(self, things: Iterable[str]) -> dict[str, list[_Execution]]:
+    def _snapshot(self, things: Iterable[str]) -> dict[str, list[Execution]]:
         return {thing: self._pending(self._things[thing]) for thing in things}
 
-    def _notifications(self, before: dict[str, list[_Execution]]) -> list[Publish]:
+    def _notifications(self, before: dict[str, list[Execution]]) -> list[Publish]:
         """notify when a thing's pending *set* changed, notify-next when its *head* changed.
 
         Compared by identity: a deleted-and-recreated execution is a new object, and a

@@ -1,0 +1,119 @@
+"""The Jobs emulator's records: jobs, executions and their wire forms. No I/O.
+
+Split from :mod:`agent.sandbox.service` so the state machine reads as rules over these records.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+__all__ = ["MAX_PENDING_LISTED", "PENDING", "Execution", "Fault", "Job", "Publish"]
+
+PENDING: Final = frozenset({"QUEUED", "IN_PROGRESS"})
+"""Statuses that keep an execution in a device's pending list; every other status is terminal."""
+
+MAX_PENDING_LISTED: Final = 10
+"""GetPendingJobExecutions and the ``notify`` payload list at most 10 executions."""
+
+@dataclass(frozen=True)
+class Publish:
+    """One MQTT message the service wants sent; the front ``json.dumps`` the payload."""
+
+    topic: str
+    payload: dict[str, Any]
+
+
+@dataclass
+class Job:
+    job_id: str
+    targets: list[str]
+    document: dict[str, Any]
+    created_at: int
+    last_updated_at: int
+    timeout_minutes: int | None = None
+    description: str | None = None
+    status: str = "IN_PROGRESS"
+    completed_at: int | None = None
+    comment: str | None = None
+    reason_code: str | None = None
+    force_canceled: bool | None = None
+
+
+@dataclass
+class Execution:
+    job: Job
+    thing_name: str
+    execution_number: int
+    seq: int  # creation order, breaks ties between executions queued in the same second
+    queued_at: int
+    last_updated_at: int
+    status: str = "QUEUED"
+    status_details: dict[str, str] = field(default_factory=dict)
+    version_number: int = 1
+    started_at: int | None = None
+    step_deadline: int | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JobExecutionSummary; ``startedAt`` is absent (never None) until the execution starts."""
+        out: dict[str, Any] = {"jobId": self.job.job_id, "queuedAt": self.queued_at}
+        if self.started_at is not None:
+            out["startedAt"] = self.started_at
+        out.update(
+            lastUpdatedAt=self.last_updated_at,
+            versionNumber=self.version_number,
+            executionNumber=self.execution_number,
+        )
+        return out
+
+    def record(self, include_document: bool = True) -> dict[str, Any]:
+        """JobExecution as sent over MQTT (no ``approximateSecondsBeforeTimedOut``)."""
+        out = self.summary()
+        out.update(
+            thingName=self.thing_name, status=self.status, statusDetails=dict(self.status_details)
+        )
+        if include_document:
+            out["jobDocument"] = copy.deepcopy(self.job.document)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        """JobExecutionState; also the ``executionState`` a VersionMismatch or
+        InvalidStateTransition rejection carries."""
+        return {
+            "status": self.status,
+            "statusDetails": dict(self.status_details),
+            "versionNumber": self.version_number,
+        }
+
+    def deadline(self) -> int | None:
+        """When this execution times out: the earlier of its step timer and the job's
+        inProgressTimeoutInMinutes counted from ``startedAt``; None when neither applies."""
+        if self.status != "IN_PROGRESS":
+            return None
+        times = [] if self.step_deadline is None else [self.step_deadline]
+        if self.job.timeout_minutes is not None and self.started_at is not None:
+            times.append(self.started_at + self.job.timeout_minutes * 60)
+        return min(times, default=None)
+
+    def set_step_timer(self, minutes: int | None, now: int) -> None:
+        """A given step timeout (re)starts the timer of an IN_PROGRESS execution; -1 stops it."""
+        if minutes is not None and self.status == "IN_PROGRESS":
+            self.step_deadline = None if minutes == -1 else now + minutes * 60
+
+    def transition(self, status: str, now: int) -> None:
+        """Every status change bumps versionNumber; leaving IN_PROGRESS ends the step timer."""
+        if status == "IN_PROGRESS" and self.started_at is None:
+            self.started_at = now
+        if status not in PENDING:
+            self.step_deadline = None
+        self.status = status
+        self.version_number += 1
+        self.last_updated_at = now
+
+
+@dataclass
+class Fault:
+    code: str
+    remaining: int
+    operations: frozenset[str]
