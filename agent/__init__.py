@@ -3,8 +3,6 @@
 Supported imports are the names in ``__all__``; everything else is internal.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from agent.config import Config, MqttConfig, load_config
 from agent.errors import (
     AgentError,
@@ -25,10 +23,21 @@ from agent.errors import (
     ThrottlingException,
 )
 
-try:
-    __version__ = version("iot-jobs-agent")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
+
+def __getattr__(name: str) -> str:
+    """``__version__``, looked up on first use: importing importlib.metadata costs the daemon,
+    which never needs its own version, about 2 MB of resident memory (issue 5's idle figure)."""
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        value = version("iot-jobs-agent")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        value = "0.0.0"
+    globals()["__version__"] = value
+    return value
+
 
 __all__ = [
     "AgentError",

@@ -84,6 +84,7 @@ class Dispatcher:
         self._sync_lock = asyncio.Lock()
         self._stopping = False
         self._last_prune = 0.0
+        self._finished_since_prune = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._on_change = on_change or (lambda: None)
 
@@ -223,7 +224,7 @@ class Dispatcher:
         state = reply.get("executionState")
         # Asked for, but a reply without it still means "accepted": one version further.
         new_version = state["versionNumber"] if state else version + 1
-        await self.journal.update(key, state="running", version=new_version)
+        await self.journal.update(key, version=new_version)  # "running" once spawned
         self._launch(key, work, new_version, step)
         log.info("job claimed job_id=%s execution=%d handler=%s step_timeout=%dm", job_id,
                  number, work.operation, step)
@@ -242,7 +243,7 @@ class Dispatcher:
             if work is None:
                 await self.journal.done(key)
                 return
-            await self.journal.update(key, state="running", version=version)
+            await self.journal.update(key, version=version)
             self._launch(key, work, version, record.step_minutes)
             log.info("claim confirmed job_id=%s execution=%d", *key)
         else:
@@ -357,6 +358,7 @@ class Dispatcher:
 
     def _done(self, job: RunningJob) -> None:
         self.running.pop(job.key, None)
+        self._finished_since_prune += 1
         self._on_change()
         if not self._stopping:
             self._wake.set()  # capacity freed: look for the next job
@@ -427,7 +429,7 @@ class Dispatcher:
                     "reason": f"handler {record.operation!r} is no longer configured"})
                 await self._deliver(key, self._reporter(key, action.version, 1))
                 return
-            await self.journal.update(key, state="running", version=action.version)
+            await self.journal.update(key, version=action.version)
             self._launch(key, work, action.version, record.step_minutes, phase=action.kind)
         elif action.kind == "report":
             reporter = self._reporter(key, action.version or record.version, record.step_minutes)
@@ -470,10 +472,15 @@ class Dispatcher:
     # ------------------------------------------------------------------ housekeeping
 
     async def _maybe_prune(self) -> None:
+        # Hourly, and also once a tenth of max_records has finished since the last pruning: a
+        # burst of jobs must not carry the journal (and the logs and work directories pruned
+        # with it) far past max_records before the hour is up (issue 5's flatness benchmark).
         now = time.monotonic()
-        if self._last_prune and now - self._last_prune < _PRUNE_EVERY:
+        burst = self._finished_since_prune >= max(1, self.config.max_records // 10)
+        if self._last_prune and now - self._last_prune < _PRUNE_EVERY and not burst:
             return
         self._last_prune = now
+        self._finished_since_prune = 0
         try:
             pruned = await self.journal.prune(self.config.retention, self.config.max_records)
         except JournalError as exc:

@@ -56,7 +56,10 @@ class Emulator:
         self.service = JobsService(clock=clock)
         self._clock = clock
         self._mqtt = MqttConfig(endpoint=endpoint, port=port, cert=cert, key=key, ca=ca,
-                                reconnect_min=0.2, reconnect_max=2.0)
+                                reconnect_min=0.2, reconnect_max=2.0,
+                                # The service side: AWS IoT does not pace its replies like a
+                                # device's connection, so neither may the emulator.
+                                iot_core_limits=False)
         self._client_id = client_id
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

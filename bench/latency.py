@@ -1,0 +1,91 @@
+"""Section 2: from the emulator queuing a job to the handler process running.
+
+The handler's first action writes bash's ``$EPOCHREALTIME`` (CLOCK_REALTIME, shared by every
+process on the machine) to a file; the job's clock starts with ``time.time()`` just before the
+emulator is asked to queue it. Jobs go one at a time to an idle agent, so each sample is the
+whole path: notification, the agent's sync (get), describe, journal commit, claim (update),
+two more commits, spawn.
+
+The floor is what no agent can beat: one raw request round trip (section 1's floor) plus the
+time to spawn the very same handler process, measured here with ``subprocess.Popen``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import percentile, ratio, summary
+from bench.world import World
+
+__all__ = ["run"]
+
+THING = "bench-latency"
+STAMP = 'printf "%s\\n" "$EPOCHREALTIME" > "$1"\n'
+"""bash's clock builtin: no ``date`` process between the spawn and the stamp."""
+
+
+def _read_stamp(path: Path, timeout: float = 30.0) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = ""
+        if text.endswith("\n"):
+            return float(text)
+        time.sleep(0.0005)
+    raise TimeoutError(f"handler never wrote {path}")
+
+
+def spawn_floor(handler: Path, directory: Path, samples: int) -> list[float]:
+    """Seconds from ``Popen`` to the handler's first instruction, ``samples`` times."""
+    out = []
+    for index in range(samples):
+        stamp = directory / f"spawn-{index}"
+        start = time.time()
+        process = subprocess.Popen([str(handler), str(stamp)], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process.wait()
+        out.append(_read_stamp(stamp) - start)
+    return out
+
+
+def run(world: World, samples: int, floor_rt: dict[str, Any] | None) -> dict[str, Any]:
+    handler = world.handler("stamp.sh", STAMP, shebang="#!/bin/bash")
+    config = world.thing_config(THING, {"stamp": {"command": [str(handler)], "timeout": "1m"}})
+    stamps = world.dir / "stamps"
+    stamps.mkdir(exist_ok=True)
+    spawn = spawn_floor(handler, stamps, samples)
+    agent = world.ready_agent(config)
+    latencies = []
+    for index in range(samples + 2):
+        stamp = stamps / f"job-{index}"
+        job = f"latency-{index}"
+        queued = time.time()
+        world.emulator.create_job(job, [THING], {"operation": "stamp", "args": [str(stamp)]})
+        ran = _read_stamp(stamp)
+        while world.emulator.execution(job, THING)["status"] != "SUCCEEDED":
+            agent.alive()
+            time.sleep(0.002)
+        time.sleep(0.05)  # the agent's post-job sync finds nothing: idle again
+        if index >= 2:  # the first jobs warm the agent's code paths up
+            latencies.append(ran - queued)
+    world.retire(agent)
+    ours, spawn_s = summary(latencies), summary(spawn)
+    rt = floor_rt or {"p50_ms": None, "p99_ms": None}
+    floor_p50 = rt["p50_ms"] + spawn_s["p50_ms"] if rt["p50_ms"] is not None else None
+    floor_p99 = rt["p99_ms"] + spawn_s["p99_ms"] if rt["p99_ms"] is not None else None
+    return {
+        "queue_to_handler": ours,
+        "spawn": spawn_s,
+        "floor_p50_ms": round(floor_p50, 4) if floor_p50 is not None else None,
+        "floor_p99_ms": round(floor_p99, 4) if floor_p99 is not None else None,
+        "ratio_p50": ratio(ours["p50_ms"], floor_p50),
+        "ratio_p99": ratio(ours["p99_ms"], floor_p99),
+        "target_p50": 1.5,
+        "samples": len(latencies),
+        "spawn_p50_share_of_ours": round(percentile(spawn, 0.5) / percentile(latencies, 0.5), 3),
+    }

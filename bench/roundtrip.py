@@ -1,0 +1,80 @@
+"""Section 1: a Jobs request's round trip through our client, against the broker's own floor.
+
+The figure is ``JobsClient.get_pending_job_executions`` back to back; the floor is a raw awscrt
+publish -> echo -> reply on the same broker (see :mod:`bench.rt_client`). Each runs in its own
+process, in alternating rounds so that a load spike from a neighbour hits both sides alike.
+
+Side measurements explain the ratio: the raw client against the emulator's ``get`` (the
+service's own time), awscrt's request-response client alone (the CRT's share), the MQTT
+operations each request costs at the broker (counted in Mosquitto's log), and two "as awscrt
+ships" variants: the raw floor with Nagle's algorithm left on, and our client with the SDK's AWS
+IoT Core flow control on.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from bench.common import PYTHON, ratio, run_json, summary
+from bench.world import World
+
+__all__ = ["run"]
+
+THING = "bench-rt"
+WARMUP = 20
+_RECEIVED = re.compile(r"Received (PUBLISH|SUBSCRIBE|UNSUBSCRIBE) from (\S+)")
+
+
+def _client(world: World, config: Path, mode: str, calls: int,
+            *flags: str) -> tuple[list[float], dict[str, float]]:
+    """One child run: latencies after the warm-up, and broker operations per request."""
+    log = world.broker_log
+    offset = log.stat().st_size
+    out = run_json([PYTHON, "-m", "bench.rt_client", "--config", str(config), "--mode", mode,
+                    "--calls", str(calls + WARMUP), *flags], timeout=60 + calls * 0.2)
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    ops: dict[str, float] = {}
+    # Only the requester's own operations: the echo responder's reply is the floor's "service".
+    requester = out["client_ids"][0]
+    for kind, client in _RECEIVED.findall(text):
+        if client == requester:
+            ops[kind] = ops.get(kind, 0) + 1
+    per_request = {k.lower(): round(v / (calls + WARMUP), 2) for k, v in sorted(ops.items())}
+    return out["latencies"][WARMUP:], per_request
+
+
+def run(world: World, calls: int, rounds: int, extra_calls: int) -> dict[str, Any]:
+    config = world.thing_config(THING, {"noop": {"command": ["/bin/true"], "timeout": "1m"}})
+    per_round = max(1, calls // rounds)
+    ours: list[float] = []
+    floor: list[float] = []
+    ops: dict[str, dict[str, float]] = {}
+    for _ in range(rounds):
+        latencies, ops["raw_echo"] = _client(world, config, "raw-echo", per_round)
+        floor += latencies
+        latencies, ops["jobs_client"] = _client(world, config, "jobs-client", per_round)
+        ours += latencies
+    service, ops["raw_emulator"] = _client(world, config, "raw-emulator", per_round)
+    crt, ops["rr_client"] = _client(world, config, "rr-client", per_round)
+    nagle, _ = _client(world, config, "raw-echo", extra_calls, "--nagle")
+    shipped, ops["jobs_client_iot_core_limits"] = _client(world, config, "jobs-client",
+                                                          extra_calls, "--limits")
+    ours_s, floor_s = summary(ours), summary(floor)
+    return {
+        "jobs_client": ours_s,
+        "raw_echo": floor_s,
+        "ratio_p50": ratio(ours_s["p50_ms"], floor_s["p50_ms"]),
+        "ratio_p99": ratio(ours_s["p99_ms"], floor_s["p99_ms"]),
+        "target_p50": 1.2,
+        "raw_emulator": summary(service),
+        "rr_client": summary(crt),
+        "raw_echo_nagle": summary(nagle),
+        "jobs_client_iot_core_limits": summary(shipped),
+        "broker_ops_per_request": ops,
+        "calls": len(ours),
+        "rounds": rounds,
+    }
