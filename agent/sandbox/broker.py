@@ -339,8 +339,14 @@ def _launch(conf: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
             tail = _log_tail(log, offset)
             cls = _PortBusyError if _ADDRESS_IN_USE in tail else RuntimeError
             raise cls(f"mosquitto exited with status {code} on port {port}; log {log}:\n{tail}")
-        if _accepts(port) and process.poll() is None:
-            return process
+        if _accepts(port):
+            # Mosquitto binds its listener before it loads the TLS files, so a connect can
+            # succeed just before it exits over a bad key: only a broker still up a moment
+            # after accepting is ready.
+            time.sleep(0.2)
+            if process.poll() is None:
+                return process
+            continue
         if time.monotonic() > deadline:
             process.kill()
             process.wait()
