@@ -31,7 +31,7 @@ from agent.config import MqttConfig
 from agent.errors import CertificateValidationException, ConfigError, ConnectionFailedError
 
 __all__ = ["Connection", "ConnectionEvent", "ConnectionState", "describe_crt_error",
-           "disable_nagle"]
+           "disable_nagle", "hop"]
 
 log = logging.getLogger("agent.connection")
 
@@ -108,6 +108,18 @@ def disable_nagle(port: int) -> int:
         finally:
             sock.detach()
     return changed
+
+
+def hop(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., None], *args: Any) -> None:
+    """From a CRT thread: schedule ``fn(*args)`` on the agent's loop, and do nothing else.
+
+    Shared by every CRT callback (connection lifecycle, publishes, Jobs streams). A loop that is
+    gone (interpreter exit) drops the event rather than raising on the CRT's thread.
+    """
+    if loop is None or loop.is_closed():
+        return
+    with contextlib.suppress(RuntimeError):  # loop closed meanwhile
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _is_tls_failure(exc: BaseException | None) -> bool:
@@ -329,11 +341,7 @@ class Connection:
             self._hop(self._on_message, packet.topic, bytes(packet.payload or b""))
 
     def _hop(self, fn: Callable[..., None], *args: Any) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # loop closed meanwhile (interpreter exit)
-            loop.call_soon_threadsafe(fn, *args)
+        hop(self._loop, fn, *args)
 
     # ------------------------------------------------------------------ loop side
 

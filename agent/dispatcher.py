@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -533,8 +534,6 @@ class Dispatcher:
 
 def parse_document_record(record: Record, config: Config) -> Work | None:
     """The :class:`Work` of a journaled execution, or None if its handler was removed."""
-    import json
-
     try:
         return parse_document(json.dumps(record.document), config.handlers)
     except DocumentError:

@@ -14,7 +14,6 @@ Every CRT callback here only hops onto the asyncio loop; futures from the CRT ar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -25,7 +24,7 @@ from typing import Any
 from awscrt import exceptions as crt_exceptions
 from awscrt import mqtt_request_response as rr
 
-from agent.connection import Connection, describe_crt_error
+from agent.connection import Connection, describe_crt_error, hop
 from agent.errors import (
     InvalidResponseError,
     RequestFailedError,
@@ -250,10 +249,7 @@ class JobsClient:
         return await asyncio.wait_for(self._events.get(), timeout)
 
     def _hop(self, fn: Any, *args: Any) -> None:
-        if self._loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # loop closed meanwhile (interpreter exit)
-            self._loop.call_soon_threadsafe(fn, *args)
+        hop(self._loop, fn, *args)
 
     def _put(self, event: JobsEvent) -> None:
         if self._events.full():
