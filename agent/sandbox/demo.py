@@ -40,6 +40,21 @@ HELLO = """#!/bin/sh
 echo "hello: $*"
 echo "job $JOB_ID, execution $EXECUTION_NUMBER, on $THING_NAME"
 """
+COUNT = """#!/bin/sh
+# Count to N (default 10), one a second, each a step: watch it with `iot-jobs-agent status`
+# and `iot-jobs-agent log JOB_ID --follow`.
+n=${1:-10}
+i=1
+while [ "$i" -le "$n" ]; do
+    echo "tick $i of $n"
+    if [ -n "${JOB_PROGRESS_FD:-}" ]; then
+        printf '{"step": "tick %s of %s"}\\n' "$i" "$n" >&"$JOB_PROGRESS_FD"
+    fi
+    sleep 1
+    i=$((i + 1))
+done
+"""
+SCRIPTS = {"hello": HELLO, "count": COUNT}
 
 
 def _say(message: str) -> None:
@@ -57,9 +72,10 @@ def _install(directory: Path) -> dict[str, Any]:
         target = handlers / source.name
         shutil.copyfile(source, target)
         target.chmod(0o755)
-    hello = scripts / "hello"
-    hello.write_text(HELLO)
-    hello.chmod(0o755)
+    for name, text in SCRIPTS.items():
+        script = scripts / name
+        script.write_text(text)
+        script.chmod(0o755)
     return {
         "run-script": {"command": [str(handlers / "run-script.sh")], "timeout": "1m",
                        "environment": {"SCRIPTS_DIR": str(scripts)}},
