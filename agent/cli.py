@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent._version import __version__
 from agent.config import DEFAULT_CONFIG_PATH, Config, check_files, load_checked, load_config
@@ -39,6 +39,9 @@ from agent.errors import (
     UnknownJobError,
 )
 from agent.logs import configure_logging
+
+if TYPE_CHECKING:
+    from agent.inspect import Target
 
 __all__ = [
     "EXIT_CONFIG",
@@ -131,11 +134,27 @@ def _print_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
+def _target(path: Path) -> Target:
+    """Where the agent's state is, from its config; from a broken config too (with a warning),
+    so that a person who broke it still sees what the running agent does."""
+    from agent.inspect import Target
+
+    try:
+        return Target.of(load_config(path))
+    except ConfigError:
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise  # no config at all: one line saying so
+        target = Target.lenient(path)
+        print(f"warning: {path} has problems (see `iot-jobs-agent check-config`); its "
+              f"state_dir is {target.state_dir}", file=sys.stderr)
+        return target
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.inspect import status_report
     from agent.views import render_status
 
-    config = load_config(args.config)
+    config = _target(args.config)
     now = time.time()
     try:
         report = status_report(config, now)
@@ -154,7 +173,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from agent.statefile import read_state, state_path
     from agent.views import render_jobs
 
-    config = load_config(args.config)
+    config = _target(args.config)
     with JournalReader(journal_path(config.state_dir)) as db:
         found = executions(db, limit=args.limit or None, status=args.status)
     logs = logs_dir(config.state_dir, read_state(state_path(config.state_dir)))
@@ -171,11 +190,12 @@ _JOB_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 def cmd_log(args: argparse.Namespace) -> int:
     from agent.inspect import JournalReader, copy_log, execution, journal_path, log_path, logs_dir
+    from agent.procfs import boot_id
     from agent.statefile import liveness, read_state, state_path
 
     if not _JOB_ID.fullmatch(args.job_id):
         raise UnknownJobError(f"{args.job_id!r} is not a job id (1-64 letters, digits, '_', '-')")
-    config = load_config(args.config)
+    config = _target(args.config)
     state_file = state_path(config.state_dir)
     with JournalReader(journal_path(config.state_dir)) as db:
         found = execution(db, args.job_id, args.execution)
@@ -184,7 +204,8 @@ def cmd_log(args: argparse.Namespace) -> int:
 
         def running() -> bool:
             current = execution(db, found.job_id, found.execution_number)
-            return current.active and liveness(read_state(state_file)).running
+            return current.active and liveness(
+                read_state(state_file), current_boot=lambda: boot_id(config.boot_id_path)).running
 
         follow = args.follow and running()
         if not path.exists() and not follow:
@@ -196,25 +217,11 @@ def cmd_log(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _state_dir_of(path: Path) -> Path:
-    """``state_dir`` as the config at ``path`` names it, even if the rest of it is broken: the
-    running agent must be found to be told, and it is the agent that judges the new file."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        data = None
-    value = data.get("state_dir") if isinstance(data, dict) else None
-    if isinstance(value, str) and value:
-        return path.resolve().parent / value
-    return Config.__dataclass_fields__["state_dir"].default
-
-
 def cmd_reload(args: argparse.Namespace) -> int:
+    from agent.inspect import Target
     from agent.statefile import liveness, read_state, state_path
 
-    path = state_path(_state_dir_of(args.config))
+    path = state_path(Target.lenient(args.config).state_dir)
     state = read_state(path)
     alive = liveness(state)
     if state is None or not alive.running or (args.pid and state.get("pid") != args.pid):

@@ -12,6 +12,7 @@ Rows are read by column name, so columns a newer schema adds do not break these 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -33,6 +34,7 @@ __all__ = [
     "JournalReader",
     "JournalSize",
     "Owed",
+    "Target",
     "copy_log",
     "execution",
     "executions",
@@ -338,7 +340,50 @@ def logs_dir(state_dir: Path | str, state: dict[str, Any] | None) -> Path:
     return Path(recorded) if isinstance(recorded, str) and recorded else Path(state_dir) / "logs"
 
 
-def status_report(config: Config, now: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Target:
+    """What the inspection commands need from the agent's config: where its state is."""
+
+    state_dir: Path
+    boot_id_path: Path
+    thing_name: str | None = None
+    endpoint: str | None = None
+
+    @classmethod
+    def of(cls, config: Config) -> Target:
+        return cls(Path(config.state_dir), Path(config.boot_id_path), config.thing_name,
+                   f"{config.mqtt.endpoint}:{config.mqtt.port}")
+
+    @classmethod
+    def lenient(cls, path: Path) -> Target:
+        """The same keys from a config with problems elsewhere (or none at all: defaults).
+
+        Someone who broke the config (and whose reload the agent refused) must still be able
+        to see what the running agent does, and to tell it to reload once the file is fixed.
+        """
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            data = None
+        data = data if isinstance(data, dict) else {}
+        base = path.resolve().parent
+
+        def where(name: str) -> Path:
+            value = data.get(name)
+            default = {f.name: f.default for f in dataclasses.fields(Config)}[name]
+            return base / value if isinstance(value, str) and value else Path(default)
+
+        mqtt = data.get("mqtt") if isinstance(data.get("mqtt"), dict) else {}
+        thing = data.get("thing_name")
+        return cls(where("state_dir"), where("boot_id_path"),
+                   thing if isinstance(thing, str) else None,
+                   f"{mqtt.get('endpoint')}:{mqtt.get('port', 8883)}" if mqtt.get("endpoint")
+                   else None)
+
+
+def status_report(config: Target, now: float) -> dict[str, Any]:
     """What ``status --json`` prints: the live agent's state file if it runs, the journal in
     any case (owed statuses, unfinished executions, size).
 
@@ -357,10 +402,10 @@ def status_report(config: Config, now: float) -> dict[str, Any]:
         "pid": known.get("pid") if alive.running else None,
         "phase": known.get("phase") if alive.running else "stopped",
         "version": known.get("version"),
-        "thing_name": config.thing_name,
+        "thing_name": known.get("thing_name") or config.thing_name,
         "started_at": known.get("started_at") if alive.running else None,
         "connected": connected,
-        "endpoint": connection.get("endpoint") or f"{config.mqtt.endpoint}:{config.mqtt.port}",
+        "endpoint": connection.get("endpoint") or config.endpoint,
         "connected_since": connection.get("since") if connected else None,
         "disconnected_since": None if connected or live is None else connection.get("since"),
         "last_error": connection.get("last_error"),
