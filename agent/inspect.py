@@ -412,8 +412,8 @@ def status_report(config: Target, now: float) -> dict[str, Any]:
         "reconnects": connection.get("reconnects", 0),
         "last_sync": known.get("last_sync"),
         "last_sync_error": (live or {}).get("last_sync_error"),
-        "refusing_jobs": bool((live or {}).get("refusing")),
-        "refusing_reason": (live or {}).get("refusing"),
+        "refusing_jobs": bool(_refusing(live)),
+        "refusing_reason": _refusing(live),
         "running_jobs": [_running_job(j, now) for j in (live or {}).get("running_jobs", [])],
         "last_reload": (live or {}).get("reload"),
         "state_file": str(state_path(config.state_dir)),
@@ -434,6 +434,15 @@ def status_report(config: Target, now: float) -> dict[str, Any]:
     size = journal_size(path)
     report["journal"] = {"path": str(path), "bytes": size.db, "wal_bytes": size.wal}
     return report
+
+
+def _refusing(live: dict[str, Any] | None) -> str | None:
+    if live is None:
+        return None
+    if live.get("phase") == "stopping":
+        return "the agent is stopping"
+    refusing = live.get("refusing")
+    return refusing if isinstance(refusing, str) and refusing else None
 
 
 def _running_job(job: dict[str, Any], now: float) -> dict[str, Any]:

@@ -111,12 +111,13 @@ def render_status(report: dict[str, Any], now: float) -> list[str]:
         refusing = report.get("refusing_reason")
         lines.append(f"  New jobs:    {'refused: ' + refusing if refusing else 'taken'}")
         jobs = report.get("running_jobs") or []
-        lines.append(f"  Running:     {len(jobs) or 'no'} job{'s' * (len(jobs) != 1)}")
+        lines.append(f"  Jobs:        {len(jobs) or 'none'} running")
         if jobs:
-            lines += table(["JOB ID", "EXEC", "HANDLER", "PID", "RUNNING", "STEP"], [
+            lines += table(["JOB ID", "EXEC", "HANDLER", "PID", "STATE", "FOR", "STEP"], [
                 [j["jobId"], str(j["executionNumber"]), j.get("handler", "-"),
-                 str(j.get("pid") or "-"), format_age(j.get("runningSeconds")),
-                 _short(j.get("step"), 40)] for j in jobs], indent="    ")
+                 str(j.get("pid") or "-"), j.get("state", "-"),
+                 format_age(j.get("runningSeconds")), _short(j.get("step"), 40)]
+                for j in jobs], indent="    ")
     else:
         opened = report.get("open_executions") or []
         if opened:

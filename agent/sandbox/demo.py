@@ -103,8 +103,10 @@ def run_sandbox(directory: Path, *, once: bool, agent: bool = True) -> int:
     with Stack(directory) as stack:
         assert stack.broker is not None and stack.emulator is not None and stack.pki is not None
         config = yaml.safe_load(stack.thing(SANDBOX_THING).read_text())
+        (directory / "metrics").mkdir(exist_ok=True)  # node exporter's textfile directory
         config.update(state_dir=str(directory / "state"), poll_interval="1m",
                       progress_interval="1s", shutdown_grace="10s", kill_grace="3s",
+                      metrics_file=str(directory / "metrics" / "iot-jobs-agent.prom"),
                       handlers=_install(directory))
         agent_yaml = directory / "agent.yaml"
         agent_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -167,7 +169,7 @@ def _demo(stack: Stack, agent_yaml: Path, process: subprocess.Popen[bytes] | Non
         return 0 if ok else 1
     if process is None:
         _say(f"no agent started; run one: iot-jobs-agent run --config {agent_yaml}")
-    _say(f"running. Try: iot-jobs-agent pending --config {agent_yaml}  (Ctrl-C stops)")
+    _say(f"running. Try: iot-jobs-agent status --config {agent_yaml}  (Ctrl-C stops)")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -261,3 +261,32 @@ def test_copy_log_waits_for_a_log_that_does_not_exist_yet(tmp_path: Path) -> Non
     assert out.data == b"started\n"
     with pytest.raises(FileNotFoundError):
         copy_log(tmp_path / "never.log", Sink())  # type: ignore[arg-type]
+
+
+def test_status_report_of_a_live_agent_that_is_stopping(journal: Path) -> None:
+    import json
+
+    from agent.inspect import Target, status_report
+    from agent.procfs import boot_id, process_start_time
+
+    state_dir = journal.parent
+    (state_dir / "status.json").write_text(json.dumps({
+        "format": 1, "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
+        "boot_id": boot_id(), "phase": "stopping", "thing_name": "t1", "started_at": 100.0,
+        "connection": {"connected": True, "since": 150.0, "endpoint": "e:8883"},
+        "refusing": None, "last_sync": 190.0,
+        "running_jobs": [{"jobId": "ok", "executionNumber": 2, "startedAt": 195.0}]}))
+    report = status_report(Target(state_dir, Path("/proc/sys/kernel/random/boot_id")), 200.0)
+    assert report["running"] and report["pid"] == os.getpid()
+    assert report["connected"] and report["connected_since"] == 150.0
+    assert report["refusing_jobs"] and report["refusing_reason"] == "the agent is stopping"
+    assert report["running_jobs"] == [{"jobId": "ok", "executionNumber": 2, "startedAt": 195.0,
+                                       "runningSeconds": 5.0}]
+    assert report["owed_statuses"]["count"] == 1 and report["open_executions"] == []
+    assert report["journal"]["bytes"] == journal.stat().st_size
+    # The same file once the pid is someone else's: not running, the journal's view instead.
+    (state_dir / "status.json").write_text(json.dumps({
+        "format": 1, "pid": os.getpid(), "pid_start": -1, "phase": "running"}))
+    report = status_report(Target(state_dir, Path("/proc/sys/kernel/random/boot_id")), 200.0)
+    assert not report["running"] and not report["connected"] and report["running_jobs"] == []
+    assert [e["jobId"] for e in report["open_executions"]] == ["bad", "ok"]

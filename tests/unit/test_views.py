@@ -57,7 +57,8 @@ def running_report(**extra: Any) -> dict[str, Any]:
         "reconnects": 2, "last_sync": NOW - 5, "last_sync_error": None,
         "refusing_jobs": False, "refusing_reason": None,
         "running_jobs": [{"jobId": "update-42", "executionNumber": 3, "handler": "download",
-                          "pid": 4321, "runningSeconds": 75.2, "step": "verify checksum"}],
+                          "pid": 4321, "state": "running", "runningSeconds": 75.2,
+                          "step": "verify checksum"}],
         "owed_statuses": {"count": 0}, "last_reload": None,
         "journal": {"path": "/var/lib/iot-jobs-agent/journal.db", "bytes": 69632,
                     "wal_bytes": 4 << 20},
@@ -72,9 +73,9 @@ def test_render_status_running() -> None:
         "2 reconnects",
         "  Last sync:   2023-11-14T22:13:15Z (5s ago)",
         "  New jobs:    taken",
-        "  Running:     1 job",
-        "    JOB ID     EXEC  HANDLER   PID   RUNNING  STEP",
-        "    update-42  3     download  4321  1m 15s   verify checksum",
+        "  Jobs:        1 running",
+        "    JOB ID     EXEC  HANDLER   PID   STATE    FOR     STEP",
+        "    update-42  3     download  4321  running  1m 15s  verify checksum",
         "  Owed:        nothing; every status was delivered",
         "  Journal:     /var/lib/iot-jobs-agent/journal.db, 68.0 KiB + 4.0 MiB WAL",
     ]
@@ -94,7 +95,7 @@ def test_render_status_disconnected_refusing_owing_after_a_refused_reload() -> N
                         "2023-11-14T22:11:50Z (1m 30s ago); last error: cannot connect to "
                         "iot.example:8883: AWS_IO_DNS_QUERY_FAILED")
     assert "  New jobs:    refused: cannot write the journal: disk full" in lines
-    assert "  Running:     no jobs" in lines
+    assert "  Jobs:        none running" in lines
     assert ("  Owed:        2 status updates to the cloud, oldest 2023-11-14T22:11:20Z "
             "(2m ago): a #1 SUCCEEDED") in lines
     assert ("  Last reload: 2023-11-14T22:12:50Z (30s ago): REFUSED, 1 problem(s), the first: "
