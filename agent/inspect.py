@@ -231,8 +231,10 @@ def execution(db: sqlite3.Connection, job_id: str,
               execution_number: int | None = None) -> Execution:
     """That execution of ``job_id``, or its newest; :class:`UnknownJobError` if there is none."""
     if execution_number is None:
-        rows = list(_rows(db, f"{_SELECT} WHERE e.job_id = ? ORDER BY e.execution_number DESC, "
-                              "e.created_at DESC LIMIT 1", (job_id,)))
+        # The newest claim, not the highest number: a job deleted and created again under the
+        # same id starts again at execution 1.
+        rows = list(_rows(db, f"{_SELECT} WHERE e.job_id = ? ORDER BY e.created_at DESC, "
+                              "e.execution_number DESC LIMIT 1", (job_id,)))
     else:
         rows = list(_rows(db, f"{_SELECT} WHERE e.job_id = ? AND e.execution_number = ?",
                           (job_id, execution_number)))
