@@ -22,6 +22,7 @@ execution, in memory (see :data:`DESCRIBE_ATTEMPTS`), and remembers which warnin
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "InProgress",
     "Queued",
     "Trouble",
+    "document_problem",
     "identity",
     "in_progress_verdict",
     "queued_verdict",
@@ -71,6 +73,27 @@ def same_execution(record: Record, queued_at: int | None, version: int | None) -
     if record.queued_at is not None and queued_at is not None and record.queued_at != queued_at:
         return False
     return version is None or version >= record.version
+
+
+def document_problem(text: str | None) -> str | None:
+    """Why a job document that arrived cannot be read here, or None (then it is parsed).
+
+    Python's json refuses nesting deeper than its recursion limit (about 1000 levels), and
+    accepts a lone UTF-16 surrogate (``"\\ud800"``) that no handler could be given: it is not
+    Unicode, and encoding the document or an argument to UTF-8 fails. A client that parses the
+    reply itself may let either through; both end the execution REJECTED, never the sync.
+    """
+    if text is None:
+        return None
+    try:
+        json.dumps(json.loads(text), ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        return "it is nested too deeply for this device's JSON parser"
+    except UnicodeEncodeError:
+        return "it contains a lone UTF-16 surrogate, which is not Unicode"
+    except ValueError:
+        return None  # not JSON: parse_document says so, in its words
+    return None
 
 
 def _never_ran(record: Record) -> bool:

@@ -275,6 +275,10 @@ class Dispatcher:
         if not execution or execution.get("status") != "QUEUED":
             return
         version = execution["versionNumber"]
+        problem = claims.document_problem(execution.get("jobDocument"))
+        if problem is not None:
+            await self._end_unrun(key, version, "REJECTED", f"{_UNREADABLE}: {problem}")
+            return
         try:
             work = parse_document(execution.get("jobDocument"), self.config.handlers)
         except DocumentError as exc:
@@ -517,6 +521,8 @@ class Dispatcher:
         details = {"step": "rebooting", "handler": job.work.operation}
         await self.journal.finish(job.key, "IN_PROGRESS", details, state="rebooting")
         self.running.pop(job.key, None)
+        # Busy until the reboot happens or fails and is reported: a sync meanwhile must not
+        # take the journal's record for one of another execution under the same key.
         self.delivering[job.key] = job.reporter
         try:
             while not await job.reporter.deliver():  # retries until accepted or gone
@@ -524,13 +530,13 @@ class Dispatcher:
                     log.warning("job ended in the cloud before the reboot %s; not rebooting",
                                 job.where)
                     return
+            outcome = await self.machine.reboot()
+            reason = outcome or (f"the device did not reboot within "
+                                 f"{self.config.reboot_timeout:.0f}s of the reboot command")
+            log.error("reboot failed %s reason=%s", job.where, reason)
+            await self._conclude(job.key, job.reporter, "FAILED", {"reason": reason})
         finally:
             self.delivering.pop(job.key, None)
-        outcome = await self.machine.reboot()
-        reason = outcome or (f"the device did not reboot within "
-                             f"{self.config.reboot_timeout:.0f}s of the reboot command")
-        log.error("reboot failed %s reason=%s", job.where, reason)
-        await self._conclude(job.key, job.reporter, "FAILED", {"reason": reason})
         self._on_change()
 
     # ------------------------------------------------------------------ recovery

@@ -11,6 +11,7 @@ from agent.claims import (
     InProgress,
     Queued,
     Trouble,
+    document_problem,
     identity,
     in_progress_verdict,
     queued_verdict,
@@ -136,3 +137,17 @@ def test_troubled_executions_go_last_in_service_order() -> None:
     trouble.strike(("j0", 1, 0))
     trouble.strike(("j2", 1, 2))
     assert [s["jobId"] for s in trouble.order(listed)] == ["j1", "j3", "j0", "j2"]
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('{"operation": "ok", "s": "\\ud800"}', "lone UTF-16 surrogate"),
+    ('{"operation": "ok", "s": "\\udc00 and more"}', "lone UTF-16 surrogate"),
+    ('{"operation": "ok", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"operation": "ok", "s": "\\ud83d\\ude00"}', None),  # a pair is one code point
+    ('{"operation": "ok", "x": ' + "[" * 100 + "]" * 100 + "}", None),
+    ("not json", None),  # parse_document's to say, in its own words
+    (None, None),
+])
+def test_document_problem(text: str | None, problem: str | None) -> None:
+    found = document_problem(text)
+    assert (found is None) if problem is None else (found is not None and problem in found)

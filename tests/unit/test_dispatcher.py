@@ -246,6 +246,24 @@ def test_unreadable_describe_reply_rejects_that_job_and_the_next_one_runs(
     run(body())
 
 
+def test_document_that_arrives_but_is_not_unicode_is_rejected(tmp_path: Path) -> None:
+    """A client that parses replies itself lets a lone surrogate through: REJECTED, with the
+    reason, and the next job runs."""
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.create("bad", {"operation": "ok", "args": ["\ud800"]})
+            w.create("good")
+            await w.d.sync()
+            await w.idle()
+            assert w.status("bad")["status"] == "REJECTED"
+            assert w.status("bad")["statusDetails"]["reason"] == (
+                "the job document could not be read: it contains a lone UTF-16 surrogate, "
+                "which is not Unicode")
+            assert w.status("good")["status"] == "SUCCEEDED" and w.ran() == ["good"]
+
+    run(body())
+
+
 def test_describe_timing_out_for_one_job_rejects_it_after_the_bound(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
