@@ -20,8 +20,9 @@ Execution states::
 An execution in the journal is never claimed again, whatever notifications say. What "an
 execution" is: (jobId, executionNumber) *and* ``queued_at``, since AWS may reuse both after a
 deletion (see :mod:`agent.claims`). A record whose execution was deleted and its key reused is
-*archived* (``archived_at`` set, its outbox dropped): kept as history under its own row ``id``,
-never touched again by the key-based methods, which all address the current (unarchived) row.
+*archived*, whatever its state (``archived_at`` set, its outbox dropped): kept as history under
+its own ``id``, never touched again by the key-based methods, which all address the current
+(unarchived) row of a key.
 
 Schema 2 (this version) adds ``id``, ``queued_at`` and ``archived_at`` to ``executions`` and
 records in ``meta`` which thing and MQTT endpoint the journal belongs to; a journal of schema 1
