@@ -13,10 +13,11 @@ by every pending-list summary and every described execution, tell them apart:
   journal last saw accepted is another execution, even one queued in the same second.
 
 **One bad job never holds up the others.** A describe whose reply cannot be read (a document
-nested too deep for Python's json, a lone UTF-16 surrogate that makes the MQTT library drop the
-reply, so the request times out) is that execution's failure, not the thing's, as long as a
-describe *without* the document is answered. :class:`Trouble` counts those failures per
-execution, in memory (see :data:`DESCRIBE_ATTEMPTS`), and remembers which warnings were given.
+nested too deep for Python's json), or never comes (a lone UTF-16 surrogate makes the MQTT
+library drop the reply), is that execution's failure, not the thing's, as long as a describe
+*without* the document is answered. :class:`Trouble` counts those failures per execution, in
+memory (see :data:`DESCRIBE_ATTEMPTS`), and remembers which warnings were given.
+:func:`document_problem` catches a document that arrives but cannot be read here.
 """
 
 from __future__ import annotations
@@ -46,14 +47,15 @@ __all__ = [
 Identity = tuple[str, int, int | None]  # (jobId, executionNumber, queuedAt)
 
 DESCRIBE_ATTEMPTS = 3
-"""Describes of one execution's document that may time out before that execution is REJECTED.
+"""Describes of one execution's document that may fail (no reply, or an unreadable one) before
+that execution is REJECTED.
 
-Counted across syncs, in memory. Only timeouts that a describe without the document contradicts
+Counted across syncs, in memory. Only failures that a describe without the document contradicts
 count (the thing's connection works), so a broker outage never rejects anything. Three absorbs a
-lost message or two; each attempt costs one ``request_timeout``, and the other jobs are tried
-first meanwhile. Not journaled: the journal means "claimed by this device", it would have to be
-written for executions never claimed (and fails exactly when the disk is full), and a restart of
-the agent at worst costs three more timeouts for a bad execution.
+lost or garbled message or two; each attempt costs at most one ``request_timeout``, and the
+other jobs are tried first meanwhile. Not journaled: the journal means "claimed by this
+device", it would have to be written for executions never claimed (and fails exactly when the
+disk is full), and a restart of the agent at worst costs three more attempts for a bad one.
 """
 
 REPLACED = "Replaced"

@@ -263,12 +263,8 @@ class Dispatcher:
                 includeJobDocument=True)
         except _GONE:
             return  # gone since the list was made
-        except InvalidResponseError as exc:
-            # The reply came but cannot be read: the same document always reads the same.
-            await self._unreadable(summary, f"the describe reply is unreadable ({exc.message})")
-            return
-        except RequestTimeoutError as exc:
-            await self._describe_timed_out(summary, exc)
+        except (InvalidResponseError, RequestTimeoutError) as exc:
+            await self._describe_failed(summary, exc)
             return
         self._trouble.clear(execution_id)
         execution = described.get("execution")
@@ -325,38 +321,33 @@ class Dispatcher:
         log.info("job claimed job_id=%s execution=%d handler=%s step_timeout=%dm", job_id,
                  number, work.operation, step)
 
-    async def _describe_timed_out(self, summary: dict[str, Any], exc: AgentError) -> None:
-        """No reply to the describe with the document. If one without it is answered, the
-        thing's channel works and the reply was this execution's (awscrt drops a reply it
-        cannot parse): count it, and after :data:`claims.DESCRIBE_ATTEMPTS` reject it. If that
-        is not answered either, it is the thing's problem: the sync fails and is retried."""
+    async def _describe_failed(self, summary: dict[str, Any], exc: AgentError) -> None:
+        """The describe with the document got an unreadable reply, or none (awscrt drops a
+        reply it cannot parse). If a describe without the document is answered, the thing's
+        channel works and the failure is this execution's: count it, try the other jobs, and
+        after :data:`claims.DESCRIBE_ATTEMPTS` end it REJECTED. A one-off (a lost or garbled
+        message) costs a retry, never the job. If that is not answered either, it is the
+        thing's problem: the sync fails and is retried whole."""
         execution_id = claims.identity(summary)
         described = await self._describe_light(summary)  # AgentError: the thing's problem
         if described is None:
             return
         count = self._trouble.strike(execution_id)
+        why = (f"the reply was unreadable ({exc.message})"
+               if isinstance(exc, InvalidResponseError) else
+               f"no reply within {self.config.mqtt.request_timeout:g}s")
         if not self._trouble.exhausted(execution_id):
-            self._warn_once(summary, "describe-timeout", (
-                f"not claimed yet: its describe got no reply ({exc}) while the thing's other "
-                f"requests are answered; trying the other jobs first, then this one again "
+            self._warn_once(summary, "describe-failed", (
+                f"not claimed yet: its describe failed ({why}) while describes without the "
+                f"document are answered; trying the other jobs first, then this one again "
                 f"(attempt {count} of {self._trouble.limit})"))
             asyncio.get_running_loop().call_later(_RETRY_TROUBLED, self._wake.set)
             return
         await self._end_unrun(summary_key(summary), described["versionNumber"], "REJECTED", (
-            f"{_UNREADABLE}: no reply to {count} describes of it within "
-            f"{self.config.mqtt.request_timeout:g}s each, while describes without the document "
-            f"are answered (the reply was dropped as unreadable: a document nested too deep or "
-            f"with invalid Unicode does this)"))
+            f"{_UNREADABLE}: {count} describes of it failed while describes without the "
+            f"document were answered (last: {why}); a document nested too deeply or with "
+            f"invalid Unicode does this"))
         self._trouble.clear(execution_id)
-
-    async def _unreadable(self, summary: dict[str, Any], why: str) -> None:
-        """End an execution whose document cannot be read, REJECTED with the reason. A describe
-        without the document still works and gives the version the update needs."""
-        described = await self._describe_light(summary)  # AgentError: the thing's problem
-        if described is not None:
-            await self._end_unrun(summary_key(summary), described["versionNumber"], "REJECTED",
-                                  f"{_UNREADABLE}: {why}")
-        self._trouble.clear(claims.identity(summary))
 
     async def _describe_light(self, summary: dict[str, Any]) -> dict[str, Any] | None:
         """The execution, without its document, if it is still the QUEUED one listed."""

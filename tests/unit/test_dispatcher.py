@@ -231,17 +231,38 @@ def test_unreadable_describe_reply_rejects_that_job_and_the_next_one_runs(
             w.jobs.fail("describe", InvalidResponseError(
                 "describe: reply on t/accepted is not JSON (7251 bytes)"),
                 jobId="bad", includeJobDocument=True)
-            await w.d.sync()  # one sync: the bad one ends, the good one is claimed
-            assert w.status("bad")["status"] == "REJECTED"
+            await w.d.sync()  # the bad one fails once, the good one is claimed meanwhile
             await w.idle()
             assert w.status("good")["status"] == "SUCCEEDED" and w.ran() == ["good"]
+            for _ in range(DESCRIBE_ATTEMPTS - 1):
+                assert w.status("bad")["status"] == "QUEUED"
+                await w.d.sync()
+            assert w.status("bad")["status"] == "REJECTED"
             reason = w.status("bad")["statusDetails"]["reason"]
-            assert reason.startswith("the job document could not be read: the describe reply "
-                                     "is unreadable (describe: reply on t/accepted is not JSON")
+            assert reason.startswith(
+                f"the job document could not be read: {DESCRIBE_ATTEMPTS} describes of it "
+                "failed while describes without the document were answered (last: the reply "
+                "was unreadable (describe: reply on t/accepted is not JSON (7251 bytes)))")
             # The update that ended it carried the version a light describe gave.
             light = [kw for op, kw in w.jobs.calls if op == "describe" and kw["jobId"] == "bad"
                      and kw["includeJobDocument"] is False]
-            assert len(light) == 1 and w.jobs.updates("bad")[0]["expectedVersion"] == 1
+            assert len(light) == DESCRIBE_ATTEMPTS
+            assert w.jobs.updates("bad")[0]["expectedVersion"] == 1
+
+    run(body())
+
+
+def test_one_garbled_describe_reply_costs_a_retry_not_the_job(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.create("j1")
+            w.jobs.fail("describe", InvalidResponseError("no versionNumber"), jobId="j1",
+                        includeJobDocument=True)
+            await w.d.sync()
+            w.jobs.rules.clear()
+            await w.d.sync()
+            await w.idle()
+            assert w.status("j1")["status"] == "SUCCEEDED" and w.d._trouble.strikes == {}
 
     run(body())
 
@@ -280,16 +301,15 @@ def test_describe_timing_out_for_one_job_rejects_it_after_the_bound(
                 await w.d.sync()
             assert w.status("bad")["status"] == "REJECTED"
             reason = w.status("bad")["statusDetails"]["reason"]
-            assert reason.startswith(f"the job document could not be read: no reply to "
-                                     f"{DESCRIBE_ATTEMPTS} describes of it")
+            assert reason.startswith(f"the job document could not be read: {DESCRIBE_ATTEMPTS} "
+                                     "describes of it failed") and "(last: no reply" in reason
             assert w.ran() == ["good"]
             full = [kw for op, kw in w.jobs.calls if op == "describe" and kw["jobId"] == "bad"
                     and kw["includeJobDocument"]]
             assert len(full) == DESCRIBE_ATTEMPTS
 
     run(body())
-    waits = [r for r in caplog.records if "not claimed yet: its describe got no reply" in
-             r.message]
+    waits = [r for r in caplog.records if "not claimed yet: its describe failed" in r.message]
     assert len(waits) == 1 and waits[0].levelname == "WARNING"  # once, not per attempt
 
 
