@@ -23,6 +23,14 @@ pytestmark = pytest.mark.broker
 UNREADABLE = "the job document could not be read: "
 
 
+@pytest.fixture(autouse=True)
+def open_the_gate(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test's outcome, let a gated handler it started finish: a failing test must not
+    leave a handler polling for its gate after the agent is gone."""
+    yield
+    (tmp_path / "gate").touch()
+
+
 def counting(tmp_path: Path) -> tuple[dict[str, Any], Path]:
     """A handler that records the job id of each run."""
     runs = tmp_path / "runs"
