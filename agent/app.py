@@ -64,7 +64,11 @@ class Agent:
         connection = Connection(self.config.mqtt, self.config.client_id)
         jobs = JobsClient(connection, request_timeout=self.config.mqtt.request_timeout,
                           max_concurrent_requests=max(4, self.config.max_concurrent_jobs + 2))
-        journal = Journal(Path(self.config.state_dir) / "journal.db")
+        # Whose journal it is: a state_dir reused for another thing (or another account's
+        # endpoint) starts a fresh one rather than mistaking that thing's jobs for ours.
+        journal = Journal(Path(self.config.state_dir) / "journal.db",
+                          thing_name=self.config.thing_name,
+                          endpoint=self.config.mqtt.endpoint.lower())
         await journal.open()
         # Under systemd, per-job logs go where LogsDirectory= points; else under state_dir.
         job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")

@@ -200,7 +200,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     with JournalReader(journal_path(config.state_dir)) as db:
         found = execution(db, args.job_id, args.execution)
         path = log_path(logs_dir(config.state_dir, read_state(state_file)), found.job_id,
-                        found.execution_number)
+                        found.execution_number, found.archived_id)
 
         def running() -> bool:
             current = execution(db, found.job_id, found.execution_number)

@@ -4,7 +4,13 @@ Everything funnels through one :meth:`Dispatcher.sync`: on start, after every (r
 every ``notify``/``notify-next`` and on the safety poll, it asks the service for the pending list
 (the truth) and compares it with the journal. Notifications are only a doorbell, so a duplicate,
 late or out-of-order one cannot start a job twice: an execution already in the journal is never
-claimed again, and a claim is an ``expectedVersion`` update from QUEUED.
+claimed again, and a claim is an ``expectedVersion`` update from QUEUED. "Already in the journal"
+means the same execution, not only the same (jobId, executionNumber): a deleted job's id and
+numbers may be reused, and :mod:`agent.claims` tells them apart.
+
+Claiming is isolated per execution: a failure that belongs to one execution (its document
+cannot be read) ends that execution REJECTED and the sync moves on; only a failure of the
+thing's own channel (no answer to anything) fails the sync, which is then retried whole.
 
 Each step is committed to the journal before it happens (claim, spawn, reboot), and each status
 that matters is committed to the outbox before it is sent; :meth:`_recover` reads them back after
@@ -23,12 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import claims
+from agent.claims import InProgress, Queued, Trouble
 from agent.config import Config
 from agent.errors import (
     AgentError,
     ConflictException,
+    InvalidResponseError,
     InvalidStateTransitionException,
     JournalError,
+    RequestTimeoutError,
     ResourceNotFoundException,
     TerminalStateException,
 )
@@ -46,6 +56,8 @@ log = logging.getLogger("agent.dispatcher")
 _FINAL_REPORT_GRACE = 15.0  # seconds a stopping agent keeps trying to deliver final statuses
 _GONE = (ResourceNotFoundException, InvalidStateTransitionException, TerminalStateException)
 _PRUNE_EVERY = 3600.0
+_RETRY_TROUBLED = 1.0  # seconds before a sync retries an execution whose describe timed out
+_UNREADABLE = "the job document could not be read"
 
 
 @dataclass
@@ -59,6 +71,10 @@ class RunningJob:
     interrupted: str | None = None  # set when the agent itself stops the handler
     started: float = field(default_factory=time.monotonic)
     step: str | None = None  # the latest "step" the handler reported (for `status`)
+    # The handler has ended: from here on only the reporter's own exchange with the service
+    # says whether the cloud ended the execution. The pending list cannot: our own final
+    # update removes the execution from it before we hear that the update was accepted.
+    concluding: bool = False
 
     @property
     def where(self) -> str:
@@ -95,6 +111,7 @@ class Dispatcher:
         self._on_change = on_change or (lambda: None)
         # Observers only (status, metrics): an execution ended with this status and details.
         self._on_outcome = on_outcome or (lambda key, status, details: None)
+        self._trouble = Trouble()
 
     # ------------------------------------------------------------------ main loop
 
@@ -147,39 +164,102 @@ class Dispatcher:
                 await self._recover()
                 self._recovered = True
             pending = await self.jobs.get_pending_job_executions(thingName=self.thing)
-            in_progress = {(s["jobId"], s["executionNumber"]): s
-                           for s in pending["inProgressJobs"]}
-            queued = [(s["jobId"], s["executionNumber"]) for s in pending["queuedJobs"]]
-            listed = set(in_progress) | set(queued)
-            for key, summary in in_progress.items():
-                if key not in self.running and await self.journal.get(key) is None:
-                    await self._end_unrun(key, summary["versionNumber"], "FAILED", (
-                        "interrupted: this device has no record of running this job (its "
-                        "state was lost or reset); it was not run again"))
+            summaries = [*pending["inProgressJobs"], *pending["queuedJobs"]]
+            self._trouble.keep_only(claims.identity(s) for s in summaries)
+            listed = {summary_key(s) for s in summaries}
+            for summary in pending["inProgressJobs"]:
+                await self._settle_in_progress(summary)
             for key in [k for k in self.running if k not in listed]:
                 await self._check_gone(key)
-            await self._claim_queued(queued)
+            await self._claim_queued(pending["queuedJobs"])
             self.synced.set()
             self.last_sync, self.last_sync_error = time.time(), None
             self._on_change()
         await self._maybe_prune()
 
-    async def _claim_queued(self, queued: list[ExecutionKey]) -> None:
-        for key in queued:
-            if self._stopping or len(self.running) >= self.config.max_concurrent_jobs:
-                return
-            if key in self.running:
-                continue
+    def _busy(self, key: ExecutionKey) -> Reporter | None:
+        """The reporter of a handler or a status delivery under way for ``key``, if any."""
+        job = self.running.get(key)
+        return job.reporter if job is not None else self.delivering.get(key)
+
+    async def _settle_in_progress(self, summary: dict[str, Any]) -> None:
+        key = summary_key(summary)
+        busy = self._busy(key)
+        record = await self.journal.get(key)
+        verdict = claims.in_progress_verdict(record, summary, busy=busy is not None)
+        if verdict is InProgress.STOP_OLD:
+            assert busy is not None and record is not None
+            busy.mark_gone(self._replaced(record, summary))
+            return
+        if verdict is InProgress.REPLACE_UNKNOWN:
+            assert record is not None
+            await self._archive(record, summary)
+        if verdict in (InProgress.UNKNOWN, InProgress.REPLACE_UNKNOWN):
+            await self._end_unrun(key, summary["versionNumber"], "FAILED", (
+                "interrupted: this device has no record of running this job (its state was "
+                "lost or reset); it was not run again"))
+
+    async def _claim_queued(self, queued: list[dict[str, Any]]) -> None:
+        for summary in self._trouble.order(queued):
+            key = summary_key(summary)
+            busy = self._busy(key)  # then decided even without a free slot: it may hold one
+            if busy is None and (self._stopping or
+                                 len(self.running) >= self.config.max_concurrent_jobs):
+                continue  # waits its turn (a free slot, or the next start), as QUEUED
             try:
                 record = await self.journal.get(key)
             except JournalError as exc:
                 self._refuse(str(exc))
                 return
-            if record is None:
-                await self._claim(key)
-            elif record.state == "claiming":
+            verdict = claims.queued_verdict(record, summary, busy=busy is not None)
+            if verdict is Queued.STOP_OLD:
+                assert busy is not None and record is not None
+                self._warn_once(summary, "stop-old", "not claimed yet: the execution this "
+                                "device ran under the same id was deleted and its handler or "
+                                "status delivery is still being stopped")
+                busy.mark_gone(self._replaced(record, summary))
+            elif verdict is Queued.REPLACE:
+                assert record is not None
+                await self._archive(record, summary)
+                await self._claim(key, summary)
+            elif verdict is Queued.CLAIM:
+                await self._claim(key, summary)
+            elif verdict is Queued.SETTLE:
                 await self._settle_claim(key)  # an earlier claim whose answer never came
-            # else: ours already; never claimed twice, whatever the cloud says
+            elif busy is None and record is not None:
+                # Never claimed twice, whatever the cloud says; but never silently either.
+                self._warn_once(summary, "ours", f"not claimed: this device already claimed "
+                                f"this very execution (journal state={record.state}, "
+                                f"version={record.version}, queued_at={record.queued_at})")
+
+    def _warn_once(self, summary: dict[str, Any], reason: str, text: str) -> None:
+        """Why a QUEUED execution is left unclaimed: once per execution and reason."""
+        if self._trouble.first_warning(claims.identity(summary), reason):
+            log.warning("%s job_id=%s execution=%d queued_at=%s", text, summary["jobId"],
+                        summary["executionNumber"], summary.get("queuedAt"))
+
+    @staticmethod
+    def _replaced(record: Record, summary: dict[str, Any]) -> str:
+        return (f"the execution was deleted and its job id reused (queued_at "
+                f"{record.queued_at} -> {summary.get('queuedAt')})")
+
+    async def _archive(self, record: Record, summary: dict[str, Any]) -> None:
+        """The record's execution was deleted and its key reused: keep it as history, with its
+        files renamed after it, so the new execution starts clean."""
+        await self.journal.archive(record.key)
+        self.machine.move_job_files(
+            (self._log_path(record.stem), self._log_path(record.archived_stem)),
+            (self._work_dir(record.stem), self._work_dir(record.archived_stem)))
+        log.info("job id reused: kept the earlier execution as history job_id=%s execution=%d "
+                 "old_queued_at=%s old_state=%s new_queued_at=%s files=%s", record.job_id,
+                 record.execution_number, record.queued_at, record.state,
+                 summary.get("queuedAt"), record.archived_stem)
+
+    def _log_path(self, stem: str) -> Path:
+        return self.job_logs / f"{stem}.log"
+
+    def _work_dir(self, stem: str) -> Path:
+        return Path(self.config.state_dir) / "jobs" / stem
 
     def _refuse(self, reason: str) -> None:
         if self.refusing is None:
@@ -190,26 +270,37 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ claim and run
 
-    async def _claim(self, key: ExecutionKey) -> None:
+    async def _claim(self, key: ExecutionKey, summary: dict[str, Any]) -> None:
         job_id, number = key
+        execution_id = claims.identity(summary)
         try:
             described = await self.jobs.describe_job_execution(
                 jobId=job_id, thingName=self.thing, executionNumber=number,
                 includeJobDocument=True)
         except _GONE:
             return  # gone since the list was made
+        except (InvalidResponseError, RequestTimeoutError) as exc:
+            await self._describe_failed(summary, exc)
+            return
+        self._trouble.clear(execution_id)
         execution = described.get("execution")
         if not execution or execution.get("status") != "QUEUED":
             return
         version = execution["versionNumber"]
+        problem = claims.document_problem(execution.get("jobDocument"))
+        if problem is not None:
+            await self._end_unrun(key, version, "REJECTED", f"{_UNREADABLE}: {problem}")
+            return
         try:
             work = parse_document(execution.get("jobDocument"), self.config.handlers)
         except DocumentError as exc:
             await self._end_unrun(key, version, "REJECTED", str(exc))
             return
         step = step_timeout_minutes(work.handler.timeout)
+        queued_at = execution.get("queuedAt", summary.get("queuedAt"))
         try:
-            await self.journal.claiming(key, work.operation, work.document, version, step)
+            await self.journal.claiming(key, work.operation, work.document, version, step,
+                                        queued_at=queued_at)
         except JournalError as exc:
             self._refuse(str(exc))
             return
@@ -246,12 +337,54 @@ class Dispatcher:
         log.info("job claimed job_id=%s execution=%d handler=%s step_timeout=%dm", job_id,
                  number, work.operation, step)
 
+    async def _describe_failed(self, summary: dict[str, Any], exc: AgentError) -> None:
+        """The describe with the document got an unreadable reply, or none (awscrt drops a
+        reply it cannot parse). If a describe without the document is answered, the thing's
+        channel works and the failure is this execution's: count it, try the other jobs, and
+        after :data:`claims.DESCRIBE_ATTEMPTS` end it REJECTED. A one-off (a lost or garbled
+        message) costs a retry, never the job. If that is not answered either, it is the
+        thing's problem: the sync fails and is retried whole."""
+        execution_id = claims.identity(summary)
+        described = await self._describe_light(summary)  # AgentError: the thing's problem
+        if described is None:
+            return
+        count = self._trouble.strike(execution_id)
+        why = (f"the reply was unreadable ({exc.message})"
+               if isinstance(exc, InvalidResponseError) else
+               f"no reply within {self.config.mqtt.request_timeout:g}s")
+        if not self._trouble.exhausted(execution_id):
+            self._warn_once(summary, "describe-failed", (
+                f"not claimed yet: its describe failed ({why}) while describes without the "
+                f"document are answered; trying the other jobs first, then this one again "
+                f"(attempt {count} of {self._trouble.limit})"))
+            asyncio.get_running_loop().call_later(_RETRY_TROUBLED, self._wake.set)
+            return
+        await self._end_unrun(summary_key(summary), described["versionNumber"], "REJECTED", (
+            f"{_UNREADABLE}: {count} describes of it failed while describes without the "
+            f"document were answered (last: {why}); a document nested too deeply or with "
+            f"invalid Unicode does this"))
+        self._trouble.clear(execution_id)
+
+    async def _describe_light(self, summary: dict[str, Any]) -> dict[str, Any] | None:
+        """The execution, without its document, if it is still the QUEUED one listed."""
+        try:
+            described = await self.jobs.describe_job_execution(
+                jobId=summary["jobId"], thingName=self.thing,
+                executionNumber=summary["executionNumber"], includeJobDocument=False)
+        except _GONE:
+            return None
+        execution = described.get("execution") or {}
+        if execution.get("status") != "QUEUED" or \
+                claims.identity(execution) != claims.identity(summary):
+            return None  # it moved on (or was replaced) since the list was made
+        return execution
+
     async def _settle_claim(self, key: ExecutionKey) -> None:
         """A claim whose answer never came: the cloud's status says whether it was applied."""
         record = await self.journal.get(key)
         if record is None:
             return
-        status, version = await self._cloud_status(key)  # AgentError: try again next sync
+        status, version = await self._cloud_status(key, record)  # AgentError: next sync
         if status == "QUEUED":
             await self.journal.forget(key)  # not applied: claim it afresh
             self._wake.set()
@@ -280,11 +413,11 @@ class Dispatcher:
         job_id, number = job.key
         handler = job.work.handler
         argv = job.work.argv if job.phase == "run" else [*(handler.verify or ()), *job.work.args]
+        stem = f"{job_id}.{number}"
         return RunRequest(
             job_id=job_id, execution_number=number, thing_name=self.thing, argv=argv,
-            document=job.work.document,
-            work_dir=Path(self.config.state_dir) / "jobs" / f"{job_id}.{number}",
-            log_path=self.job_logs / f"{job_id}.{number}.log", timeout=handler.timeout,
+            document=job.work.document, work_dir=self._work_dir(stem),
+            log_path=self._log_path(stem), timeout=handler.timeout,
             kill_grace=self.config.kill_grace, user=handler.user,
             environment={**handler.environment, "JOB_PHASE": job.phase})
 
@@ -312,6 +445,7 @@ class Dispatcher:
                                exit_code=None, signal=None, pid=None, duration=0.0,
                                output_head="", output_tail="", output_bytes=0)
         finally:
+            job.concluding = True
             heartbeat.cancel()
             if watcher is not None:
                 watcher.cancel()
@@ -380,6 +514,8 @@ class Dispatcher:
         finally:
             self.delivering.pop(key, None)
             self._on_change()
+            if reporter.gone.is_set() and not self._stopping:
+                self._wake.set()  # a new execution under the same key may be waiting for it
         if not delivered and not reporter.gone.is_set():
             log.warning("status still owed job_id=%s execution=%d; kept in the outbox for the "
                         "next start", *key)
@@ -404,6 +540,8 @@ class Dispatcher:
         details = {"step": "rebooting", "handler": job.work.operation}
         await self.journal.finish(job.key, "IN_PROGRESS", details, state="rebooting")
         self.running.pop(job.key, None)
+        # Busy until the reboot happens or fails and is reported: a sync meanwhile must not
+        # take the journal's record for one of another execution under the same key.
         self.delivering[job.key] = job.reporter
         try:
             while not await job.reporter.deliver():  # retries until accepted or gone
@@ -411,13 +549,13 @@ class Dispatcher:
                     log.warning("job ended in the cloud before the reboot %s; not rebooting",
                                 job.where)
                     return
+            outcome = await self.machine.reboot()
+            reason = outcome or (f"the device did not reboot within "
+                                 f"{self.config.reboot_timeout:.0f}s of the reboot command")
+            log.error("reboot failed %s reason=%s", job.where, reason)
+            await self._conclude(job.key, job.reporter, "FAILED", {"reason": reason})
         finally:
             self.delivering.pop(job.key, None)
-        outcome = await self.machine.reboot()
-        reason = outcome or (f"the device did not reboot within "
-                             f"{self.config.reboot_timeout:.0f}s of the reboot command")
-        log.error("reboot failed %s reason=%s", job.where, reason)
-        await self._conclude(job.key, job.reporter, "FAILED", {"reason": reason})
         self._on_change()
 
     # ------------------------------------------------------------------ recovery
@@ -427,13 +565,17 @@ class Dispatcher:
         for record in await self.journal.open_records():
             if record.key in self.running:
                 continue
-            cloud = await self._cloud_status(record.key)
+            cloud = await self._cloud_status(record.key, record)
             action = plan_recovery(record, cloud, self.config, self.machine)
-            log.info("recovering job_id=%s execution=%d state=%s cloud=%s action=%s",
-                     record.job_id, record.execution_number, record.state, cloud, action.kind)
+            log.info("recovering job_id=%s execution=%d state=%s cloud=%s cloud_version=%s "
+                     "action=%s", record.job_id, record.execution_number, record.state, cloud[0],
+                     cloud[1], action.kind)
             await self._apply(record, action)
 
-    async def _cloud_status(self, key: ExecutionKey) -> tuple[str, int | None]:
+    async def _cloud_status(self, key: ExecutionKey,
+                            record: Record | None = None) -> tuple[str, int | None]:
+        """The cloud's status and version of ``key``; :data:`claims.REPLACED` when the cloud's
+        execution is not ``record``'s (deleted, and its key reused)."""
         try:
             described = await self.jobs.describe_job_execution(
                 jobId=key[0], thingName=self.thing, executionNumber=key[1],
@@ -441,7 +583,11 @@ class Dispatcher:
         except (ResourceNotFoundException, TerminalStateException) as exc:
             return (exc.code, None)
         execution = described.get("execution") or {}
-        return (execution.get("status", "ResourceNotFound"), execution.get("versionNumber"))
+        version = execution.get("versionNumber")
+        if record is not None and execution and not claims.same_execution(
+                record, execution.get("queuedAt"), version):
+            return (claims.REPLACED, None)
+        return (execution.get("status", "ResourceNotFound"), version)
 
     async def _apply(self, record: Record, action: Any) -> None:
         key = record.key
@@ -476,12 +622,16 @@ class Dispatcher:
     # ------------------------------------------------------------------ the cloud moved
 
     async def _check_gone(self, key: ExecutionKey) -> None:
-        """A job we run is missing from the pending list: confirm, then stop its handler."""
+        """A job we run is missing from the pending list: confirm, then stop its handler.
+
+        Only while the handler runs: once it has ended, our own final update takes the
+        execution off the list, and the reporter's exchange with the service (accepted,
+        already applied, or refused because the cloud ended it) is what decides."""
         job = self.running.get(key)
-        if job is None or job.reporter.gone.is_set():
+        if job is None or job.concluding or job.reporter.gone.is_set():
             return
         status, _ = await self._cloud_status(key)
-        if status != "IN_PROGRESS" and key in self.running:
+        if status != "IN_PROGRESS" and key in self.running and not job.concluding:
             job.reporter.mark_gone(f"execution is {status}")
 
     async def _end_unrun(self, key: ExecutionKey, version: int, status: str,
@@ -519,10 +669,9 @@ class Dispatcher:
         except JournalError as exc:
             log.warning("journal pruning failed: %s", exc)
             return
-        for job_id, number in pruned:
-            self.machine.remove_job_files(self.job_logs / f"{job_id}.{number}.log",
-                                          Path(self.config.state_dir) / "jobs" /
-                                          f"{job_id}.{number}")
+        for record in pruned:
+            self.machine.remove_job_files(self._log_path(record.stem),
+                                          self._work_dir(record.stem))
         if pruned:
             log.info("pruned finished jobs from the journal count=%d", len(pruned))
 
@@ -562,6 +711,10 @@ class Dispatcher:
                 await asyncio.wait(late, timeout=self.config.kill_grace + _FINAL_REPORT_GRACE + 5)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=_FINAL_REPORT_GRACE)
+
+
+def summary_key(summary: dict[str, Any]) -> ExecutionKey:
+    return (summary["jobId"], summary["executionNumber"])
 
 
 def parse_document_record(record: Record, config: Config) -> Work | None:

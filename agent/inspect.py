@@ -59,9 +59,13 @@ def journal_path(state_dir: Path | str) -> Path:
     return Path(state_dir) / JOURNAL_FILE
 
 
-def log_path(logs_dir: Path, job_id: str, execution_number: int) -> Path:
-    """Where the runner writes a handler's output (see ``Dispatcher._request``)."""
-    return Path(logs_dir) / f"{job_id}.{execution_number}.log"
+def log_path(logs_dir: Path, job_id: str, execution_number: int,
+             archived_id: int | None = None) -> Path:
+    """Where the runner writes a handler's output (see ``Dispatcher._request``); an execution
+    archived because its job was deleted and re-created keeps ``<job>.<n>@<id>.log``
+    (``journal.Record.stem``)."""
+    suffix = "" if archived_id is None else f"@{archived_id}"
+    return Path(logs_dir) / f"{job_id}.{execution_number}{suffix}.log"
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class Execution:
     pid: int | None = None
     pid_start: int | None = None
     owed: bool = False
+    archived_id: int | None = None  # the journal row's id, once a re-created job replaced it
 
     @property
     def key(self) -> tuple[str, int]:
@@ -124,7 +129,7 @@ class Execution:
         if self.details:
             out["statusDetails"] = self.details
         if logs_dir is not None:
-            path = log_path(logs_dir, self.job_id, self.execution_number)
+            path = log_path(logs_dir, self.job_id, self.execution_number, self.archived_id)
             if path.exists():
                 out["logPath"] = str(path)
         return out
@@ -177,6 +182,7 @@ def _execution(row: dict[str, Any]) -> Execution:
     result = _json(row.get("result")) or {}
     details = result.get("details") if isinstance(result.get("details"), dict) else {}
     state = str(row["state"])
+    archived = row.get("archived_at") is not None  # schema 2: a deleted and re-created job
     status = result.get("status") if isinstance(result.get("status"), str) else None
     if status is None and state in (*ACTIVE_STATES, "rebooting"):
         status = "IN_PROGRESS"
@@ -200,7 +206,9 @@ def _execution(row: dict[str, Any]) -> Execution:
         updated_at=float(row["updated_at"]), duration=duration,
         reason=reason, details={str(k): str(v) for k, v in details.items()},
         attempts=int(row.get("attempts") or 0), pid=row.get("pid"),
-        pid_start=row.get("pid_start"), owed=bool(row.get("owed")))
+        # The outbox is keyed by (jobId, executionNumber): it is the current incarnation's.
+        pid_start=row.get("pid_start"), owed=bool(row.get("owed")) and not archived,
+        archived_id=row.get("id") if archived else None)
 
 
 def _json(text: object) -> Any:
@@ -236,8 +244,10 @@ def execution(db: sqlite3.Connection, job_id: str,
         rows = list(_rows(db, f"{_SELECT} WHERE e.job_id = ? ORDER BY e.created_at DESC, "
                               "e.execution_number DESC LIMIT 1", (job_id,)))
     else:
-        rows = list(_rows(db, f"{_SELECT} WHERE e.job_id = ? AND e.execution_number = ?",
-                          (job_id, execution_number)))
+        # The current incarnation first, then archived ones newest first (a reused job id).
+        rows = sorted(_rows(db, f"{_SELECT} WHERE e.job_id = ? AND e.execution_number = ?",
+                            (job_id, execution_number)),
+                      key=lambda r: (r.get("archived_at") is not None, -float(r["created_at"])))
     if rows:
         return _execution(rows[0])
     if execution_number is not None and list(_rows(

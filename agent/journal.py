@@ -17,7 +17,18 @@ Execution states::
         |       rebooting --------+
         +-----------------------------> done   (claim refused / job gone)
 
-An execution in the journal is never claimed again, whatever notifications say.
+An execution in the journal is never claimed again, whatever notifications say. What "an
+execution" is: (jobId, executionNumber) *and* ``queued_at``, since AWS may reuse both after a
+deletion (see :mod:`agent.claims`). A record whose execution was deleted and its key reused is
+*archived*, whatever its state (``archived_at`` set, its outbox dropped): kept as history under
+its own ``id``, never touched again by the key-based methods, which all address the current
+(unarchived) row of a key.
+
+Schema 2 (this version) adds ``id``, ``queued_at`` and ``archived_at`` to ``executions`` and
+records in ``meta`` which thing and MQTT endpoint the journal belongs to; a journal of schema 1
+is migrated in place on open (``queued_at`` unknown: NULL). A journal opened for another thing
+or endpoint is moved aside (``journal.db.previous-<time>``) and a new one started: its records
+are about executions that this device's cloud identity never had.
 """
 
 from __future__ import annotations
@@ -41,12 +52,14 @@ __all__ = ["Journal", "OutboxEntry", "Record"]
 log = logging.getLogger("agent.journal")
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+SCHEMA_VERSION = 2
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+_EXECUTIONS = """
 CREATE TABLE IF NOT EXISTS executions (
+    id INTEGER PRIMARY KEY,
     job_id TEXT NOT NULL,
     execution_number INTEGER NOT NULL,
+    queued_at INTEGER,
     operation TEXT NOT NULL,
     document TEXT NOT NULL,
     state TEXT NOT NULL,
@@ -59,9 +72,14 @@ CREATE TABLE IF NOT EXISTS executions (
     result TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    PRIMARY KEY (job_id, execution_number)
-);
-CREATE INDEX IF NOT EXISTS executions_state ON executions (state, updated_at);
+    archived_at REAL
+)"""
+_INDEXES = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS executions_current "
+    "ON executions (job_id, execution_number) WHERE archived_at IS NULL",
+    "CREATE INDEX IF NOT EXISTS executions_state ON executions (state, updated_at)",
+)
+_OUTBOX = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -70,8 +88,21 @@ CREATE TABLE IF NOT EXISTS outbox (
     details TEXT NOT NULL,
     final INTEGER NOT NULL,
     created_at REAL NOT NULL
-);
-"""
+)"""
+# Schema 1 -> 2: the primary key (job_id, execution_number) cannot hold two incarnations of
+# one key, and SQLite cannot drop a primary key: rebuild the table, keeping every row.
+_V1_COLUMNS = ("job_id, execution_number, operation, document, state, version, step_minutes, "
+               "attempts, pid, pid_start, boot_id, result, created_at, updated_at")
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE executions RENAME TO executions_v1",
+    "DROP INDEX IF EXISTS executions_state",
+    _EXECUTIONS,
+    f"INSERT INTO executions ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM executions_v1 "
+    "ORDER BY created_at",
+    "DROP TABLE executions_v1",
+    *_INDEXES,
+)
+_CURRENT = "job_id=? AND execution_number=? AND archived_at IS NULL"
 OPEN_STATES = ("claiming", "running", "rebooting", "finished")
 
 
@@ -92,10 +123,25 @@ class Record:
     boot_id: str | None
     result: dict[str, Any] | None
     updated_at: float
+    queued_at: int | None = None  # the cloud's queuedAt; None: journaled by schema 1
+    archived_at: float | None = None  # set once the execution was deleted and its key reused
+    row_id: int | None = None  # this incarnation's own id (stable; archived ones keep theirs)
 
     @property
     def key(self) -> tuple[str, int]:
         return (self.job_id, self.execution_number)
+
+    @property
+    def stem(self) -> str:
+        """The name of its log (``<stem>.log``) and work directory: ``<job>.<n>``, and once
+        archived :attr:`archived_stem`."""
+        return f"{self.job_id}.{self.execution_number}" if self.archived_at is None \
+            else self.archived_stem
+
+    @property
+    def archived_stem(self) -> str:
+        """``<job>.<n>@<id>``: unique per incarnation (job ids never contain ``@``)."""
+        return f"{self.job_id}.{self.execution_number}@{self.row_id}"
 
 
 @dataclass(frozen=True)
@@ -117,9 +163,12 @@ class OutboxEntry:
 class Journal:
     """Open with :meth:`open`; every other method is a coroutine run on the journal thread."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time, *,
+                 thing_name: str | None = None, endpoint: str | None = None) -> None:
+        """``thing_name`` and ``endpoint``: whose journal this is (None: not checked)."""
         self.path = Path(path)
         self._clock = clock
+        self._owner = {"thing_name": thing_name, "endpoint": endpoint}
         self._db: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
 
@@ -135,15 +184,37 @@ class Journal:
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
                 raise JournalError(f"cannot open the journal {self.path}: {exc}") from None
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self._clock())}")
+            aside = self._move_aside("corrupt")
             log.critical("journal %s is corrupt (%s); moved aside to %s and starting a new one. "
                          "Jobs it was tracking will be reported FAILED as unknown to the agent.",
                          self.path, exc, aside)
-            for suffix in ("", "-wal", "-shm"):
-                source = Path(f"{self.path}{suffix}")
-                if source.exists():
-                    source.rename(Path(f"{aside}{suffix}"))
             self._db = self._connect()
+        other = _other_owner(self._db, self._owner)
+        if other:
+            self._db.close()
+            aside = self._move_aside("previous")
+            log.warning("journal %s belongs to %s, not to this agent's %s; moved aside to %s and "
+                        "starting a new one", self.path, _owner_text(other),
+                        _owner_text(self._owner), aside)
+            self._db = self._connect()
+        with contextlib.suppress(sqlite3.Error):  # a read-only journal can still be read
+            self._db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                                 [(k, v) for k, v in self._owner.items() if v is not None])
+
+    def _move_aside(self, why: str) -> Path:
+        """Rename the journal (and its WAL files) to ``journal.db.<why>-<time>``; never over an
+        earlier one."""
+        stamp = int(self._clock())
+        aside = self.path.with_name(f"{self.path.name}.{why}-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.{why}-{stamp}.{n}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self.path}{suffix}")
+            if source.exists():
+                source.rename(Path(f"{aside}{suffix}"))
+        return aside
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -154,17 +225,39 @@ class Journal:
             check = db.execute("PRAGMA quick_check").fetchone()
             if check is None or check[0] != "ok":
                 raise sqlite3.DatabaseError(f"integrity check: {check}")
-            db.executescript(_SCHEMA)
-            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
+            db.execute(_META)
+            version = _schema_version(db)
+            if version is not None and version > SCHEMA_VERSION:
                 raise JournalError(f"journal {self.path} was written by a newer agent "
-                                   f"(schema {row[0]}); upgrade the agent or move the file away")
+                                   f"(schema {version}); upgrade the agent or move the file away")
+            if version == 1:
+                self._migrate(db)
+            else:
+                _transaction(db, [_EXECUTIONS, *_INDEXES, _OUTBOX,
+                                  "INSERT OR IGNORE INTO meta VALUES ('schema', "
+                                  f"'{SCHEMA_VERSION}')"])
         except BaseException:
             db.close()
             raise
         return db
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Schema 1 -> 2, in one transaction: a crash leaves schema 1, migrated next time.
+
+        A failure here (a full disk) is a :class:`JournalError`, never "corrupt": moving a
+        healthy journal aside would lose the executions it tracks.
+        """
+        try:
+            _transaction(db, [*_MIGRATE_1_TO_2, _OUTBOX,
+                              f"INSERT OR REPLACE INTO meta VALUES ('schema', "
+                              f"'{SCHEMA_VERSION}')"])
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot migrate the journal {self.path} to schema "
+                               f"{SCHEMA_VERSION}: {exc}; free space in its directory and "
+                               "start the agent again") from None
+        count = db.execute("SELECT count(*) FROM executions").fetchone()[0]
+        log.info("journal migrated from schema 1 to %d path=%s executions=%d (their queuedAt "
+                 "is unknown; versions tell a reused job id)", SCHEMA_VERSION, self.path, count)
 
     async def close(self) -> None:
         def close() -> None:
@@ -224,32 +317,45 @@ class Journal:
     # ------------------------------------------------------------------ executions
 
     async def get(self, key: tuple[str, int]) -> Record | None:
-        rows = await self._query(f"SELECT {_COLUMNS} FROM executions "
-                                 "WHERE job_id=? AND execution_number=?", key)
+        """The current record of ``key`` (never an archived one)."""
+        rows = await self._query(f"SELECT {_COLUMNS} FROM executions WHERE {_CURRENT}", key)
         return _record(rows[0]) if rows else None
+
+    async def history(self, key: tuple[str, int]) -> list[Record]:
+        """Every incarnation of ``key`` this journal holds, oldest first (archived ones too)."""
+        rows = await self._query(f"SELECT {_COLUMNS} FROM executions WHERE job_id=? AND "
+                                 "execution_number=? ORDER BY id", key)
+        return [_record(r) for r in rows]
 
     async def open_records(self) -> list[Record]:
         marks = ",".join("?" * len(OPEN_STATES))
         rows = await self._query(f"SELECT {_COLUMNS} FROM executions WHERE state IN ({marks}) "
-                                 "ORDER BY created_at", OPEN_STATES)
+                                 "AND archived_at IS NULL ORDER BY created_at", OPEN_STATES)
         return [_record(r) for r in rows]
 
     async def claiming(self, key: tuple[str, int], operation: str, document: dict[str, Any],
-                       version: int, step_minutes: int) -> None:
+                       version: int, step_minutes: int, *, queued_at: int | None = None) -> None:
         """Committed before the claim is sent: a crash now leaves "never started"."""
         now = self._clock()
         await self._write((
-            "INSERT INTO executions (job_id, execution_number, operation, document, state, "
-            "version, step_minutes, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
-            (*key, operation, json.dumps(document), "claiming", version, step_minutes, now,
-             now)))
+            "INSERT INTO executions (job_id, execution_number, queued_at, operation, document, "
+            "state, version, step_minutes, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (*key, queued_at, operation, json.dumps(document), "claiming", version,
+             step_minutes, now, now)))
+
+    async def archive(self, key: tuple[str, int]) -> None:
+        """The execution of ``key`` was deleted and the key reused: keep the record as history
+        (under its own ``id``) and drop what was owed to it; ``key`` is free again."""
+        await self._write(
+            ("DELETE FROM outbox WHERE job_id=? AND execution_number=?", key),
+            (f"UPDATE executions SET archived_at=? WHERE {_CURRENT}", (self._clock(), *key)))
 
     async def update(self, key: tuple[str, int], **fields: Any) -> None:
         if "result" in fields and fields["result"] is not None:
             fields["result"] = json.dumps(fields["result"])
         fields["updated_at"] = self._clock()
         sets = ", ".join(f"{name}=?" for name in fields)
-        await self._write((f"UPDATE executions SET {sets} WHERE job_id=? AND execution_number=?",
+        await self._write((f"UPDATE executions SET {sets} WHERE {_CURRENT}",
                            (*fields.values(), *key)))
 
     async def started(self, key: tuple[str, int], pid: int | None, pid_start: int | None,
@@ -257,7 +363,7 @@ class Journal:
         """Committed before the handler can do anything that matters (see runner.start)."""
         await self._write((
             "UPDATE executions SET state='running', attempts=attempts+1, pid=?, pid_start=?, "
-            "boot_id=?, updated_at=? WHERE job_id=? AND execution_number=?",
+            f"boot_id=?, updated_at=? WHERE {_CURRENT}",
             (pid, pid_start, boot_id, self._clock(), *key)))
 
     async def finish(self, key: tuple[str, int], status: str, details: dict[str, str],
@@ -265,8 +371,7 @@ class Journal:
         """The verdict and the update that reports it, committed together."""
         now = self._clock()
         await self._write(
-            ("UPDATE executions SET state=?, result=?, updated_at=? "
-             "WHERE job_id=? AND execution_number=?",
+            (f"UPDATE executions SET state=?, result=?, updated_at=? WHERE {_CURRENT}",
              (state, json.dumps({"status": status, "details": details, "finishedAt": now}),
               now, *key)),
             ("INSERT INTO outbox (job_id, execution_number, status, details, final, created_at) "
@@ -277,14 +382,14 @@ class Journal:
         """Remove an execution that was never claimed (the claim did not go through)."""
         await self._write(
             ("DELETE FROM outbox WHERE job_id=? AND execution_number=?", key),
-            ("DELETE FROM executions WHERE job_id=? AND execution_number=?", key))
+            (f"DELETE FROM executions WHERE {_CURRENT}", key))
 
     async def done(self, key: tuple[str, int]) -> None:
         """Nothing more is owed for this execution (delivered, or the cloud ended it)."""
         await self._write(
             ("DELETE FROM outbox WHERE job_id=? AND execution_number=?", key),
-            ("UPDATE executions SET state='done', updated_at=? "
-             "WHERE job_id=? AND execution_number=?", (self._clock(), *key)))
+            (f"UPDATE executions SET state='done', updated_at=? WHERE {_CURRENT}",
+             (self._clock(), *key)))
 
     # ------------------------------------------------------------------ outbox
 
@@ -297,39 +402,76 @@ class Journal:
     async def delivered(self, entry: OutboxEntry, version: int) -> None:
         statements: list[tuple[str, tuple[Any, ...]]] = [
             ("DELETE FROM outbox WHERE seq=?", (entry.seq,)),
-            ("UPDATE executions SET version=?, updated_at=? "
-             "WHERE job_id=? AND execution_number=?", (version, self._clock(), *entry.key))]
+            (f"UPDATE executions SET version=?, updated_at=? WHERE {_CURRENT}",
+             (version, self._clock(), *entry.key))]
         if entry.final:
-            statements.append(("UPDATE executions SET state='done' "
-                               "WHERE job_id=? AND execution_number=?", entry.key))
+            statements.append((f"UPDATE executions SET state='done' WHERE {_CURRENT}",
+                               entry.key))
         await self._write(*statements)
 
     # ------------------------------------------------------------------ retention
 
-    async def prune(self, max_age: float, max_records: int) -> list[tuple[str, int]]:
+    async def prune(self, max_age: float, max_records: int) -> list[Record]:
         """Forget finished executions older than ``max_age`` or beyond ``max_records``.
 
-        Open executions are never pruned: they are what the journal is for. Returns the keys
-        removed, so the caller can delete their logs and work directories.
+        Open executions are never pruned: they are what the journal is for. Archived ones count
+        as finished. Returns the records removed, so the caller can delete their logs and work
+        directories (:attr:`Record.stem`).
         """
         cutoff = self._clock() - max_age
+        ended = "(state='done' OR archived_at IS NOT NULL)"
         rows = await self._query(
-            "SELECT job_id, execution_number FROM executions WHERE state='done' AND "
-            "(updated_at < ? OR rowid NOT IN (SELECT rowid FROM executions WHERE state='done' "
-            "ORDER BY updated_at DESC LIMIT ?))", (cutoff, max_records))
-        if rows:
-            await self._run(self._delete_many, [tuple(r) for r in rows])
-        return [(r[0], r[1]) for r in rows]
-
-    def _delete_many(self, keys: list[tuple[str, int]]) -> None:
-        self._tx([("DELETE FROM executions WHERE job_id=? AND execution_number=?", k)
-                  for k in keys])
+            f"SELECT {_COLUMNS} FROM executions WHERE {ended} AND (updated_at < ? OR id NOT IN "
+            f"(SELECT id FROM executions WHERE {ended} ORDER BY updated_at DESC LIMIT ?))",
+            (cutoff, max_records))
+        records = [_record(r) for r in rows]
+        if records:
+            await self._run(self._tx, [("DELETE FROM executions WHERE id=?", (r.row_id,))
+                                       for r in records])
+        return records
 
 
 _COLUMNS = ("job_id, execution_number, operation, document, state, version, step_minutes, "
-            "attempts, pid, pid_start, boot_id, result, updated_at")
+            "attempts, pid, pid_start, boot_id, result, updated_at, queued_at, archived_at, id")
 
 
 def _record(row: tuple[Any, ...]) -> Record:
     return Record(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7],
-                  row[8], row[9], row[10], json.loads(row[11]) if row[11] else None, row[12])
+                  row[8], row[9], row[10], json.loads(row[11]) if row[11] else None, row[12],
+                  row[13], row[14], row[15])
+
+
+def _transaction(db: sqlite3.Connection, statements: list[str]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for sql in statements:
+            db.execute(sql)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _schema_version(db: sqlite3.Connection) -> int | None:
+    """The journal's schema; a file with an executions table but no version row is schema 1
+    (schema 1 created its tables before writing the row)."""
+    row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    if row is not None:
+        return int(row[0])
+    table = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND "
+                       "name='executions'").fetchone()
+    return 1 if table else None
+
+
+def _other_owner(db: sqlite3.Connection, owner: dict[str, str | None]) -> dict[str, str]:
+    """The recorded owner, if it differs from ``owner`` in a key both name ({} otherwise)."""
+    stored = dict(db.execute("SELECT key, value FROM meta WHERE key IN "
+                             "('thing_name', 'endpoint')").fetchall())
+    differs = any(value is not None and stored.get(key) not in (None, value)
+                  for key, value in owner.items())
+    return stored if differs else {}
+
+
+def _owner_text(owner: dict[str, Any]) -> str:
+    return " ".join(f"{'thing' if k == 'thing_name' else k}={v or '?'}"
+                    for k, v in sorted(owner.items(), reverse=True))

@@ -7,8 +7,8 @@ start times, killing a leftover process group, and the reboot command.
 
 The rules, in the words an operator reads in ``statusDetails``:
 
-- the cloud already ended it (canceled, removed, timed out): stop any leftover handler, say
-  nothing more;
+- the cloud already ended it (canceled, removed, timed out, deleted, or deleted and its job id
+  reused for a new execution): stop any leftover handler, say nothing more;
 - claimed but the handler never started: run it (that is not a re-run);
 - the handler was running when the agent died: run it again only if the handler is declared
   ``idempotent`` and the crash-loop guard allows; otherwise FAILED "interrupted";
@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.claims import REPLACED
 from agent.config import Config
 from agent.jobs.shapes import TERMINAL_STATUSES
 from agent.journal import Record
@@ -42,7 +43,8 @@ log = logging.getLogger("agent.recovery")
 REBOOT_EXIT_CODE = 194
 """A handler that exits with this code asks the agent to reboot the device and then resume."""
 
-_GONE_CODES = {"ResourceNotFound", "TerminalStateReached"}
+# REPLACED: the execution was deleted and its (jobId, executionNumber) reused by a new one.
+_GONE_CODES = {"ResourceNotFound", "TerminalStateReached", REPLACED}
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,18 @@ class Machine:
                     + (f": {text[-1][:300]}" if text else ""))
         await asyncio.sleep(self.config.reboot_timeout)
         return None
+
+    @staticmethod
+    def move_job_files(*moves: tuple[Path, Path]) -> None:
+        """Rename an execution's log and work directory (``(source, target)`` pairs), those
+        that exist: an archived execution keeps its files under its own name."""
+        for source, target in moves:
+            try:
+                source.rename(target)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("could not move %s to %s: %s", source, target, exc)
 
     @staticmethod
     def remove_job_files(log_path: Path, work_dir: Path) -> None:

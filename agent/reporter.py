@@ -159,6 +159,9 @@ class Reporter:
                 state = exc.execution_state or {}
                 if decision is Conflict.ALREADY_APPLIED:
                     self._accepted(state)
+                    log.log(logging.INFO if final else logging.DEBUG,
+                            "status accepted %s status=%s version=%d (an earlier attempt went "
+                            "through)", self.where, status, self.version)
                     return True
                 if decision is Conflict.RETRY:
                     log.info("version moved, resending %s expected=%d current=%s", self.where,

@@ -28,8 +28,10 @@ Decisions where AWS is silent or ambiguous (each documented at its method):
 * ``TerminalStateReached`` is never produced by the state machine, only by fault injection.
 * Over MQTT, unknown request fields and explicit ``null`` values are ``InvalidRequest``
   (``_validate.request_kwargs``): the SDK never sends them, so they reveal a client bug.
-* Executions remain after they end (as in AWS) until deleted; ``executionNumber`` counts per
-  job id and thing across deletions, so a job re-created under the same id runs as number 2.
+* Executions remain after they end (as in AWS) until deleted. A job re-created under a deleted
+  job's id starts again at ``executionNumber`` 1: AWS says that "once a job execution is
+  deleted, the executionNumber may be reused", so a device must tell the two apart by
+  ``queuedAt`` (and ``versionNumber``), and the sandbox makes it.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class JobsService:
         self._clock = clock
         self._things: dict[str, dict[str, Execution]] = {}  # thing -> job id -> execution
         self._jobs: dict[str, Job] = {}
-        self._execution_numbers: dict[tuple[str, str], int] = {}  # survives deletions
+        self._execution_numbers: dict[tuple[str, str], int] = {}  # dropped with the job
         self._seq = 0
         self._faults: list[Fault] = []
         self._history: list[tuple[str, str, dict[str, Any]]] = []
@@ -194,6 +196,7 @@ class JobsService:
         before = self._snapshot(job.targets)
         for thing in job.targets:
             self._things[thing].pop(job_id, None)
+            self._execution_numbers.pop((job_id, thing), None)  # numbers may be reused
         del self._jobs[job_id]
         return self._notifications(before)
 

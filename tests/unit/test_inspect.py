@@ -290,3 +290,38 @@ def test_status_report_of_a_live_agent_that_is_stopping(journal: Path) -> None:
     report = status_report(Target(state_dir, Path("/proc/sys/kernel/random/boot_id")), 200.0)
     assert not report["running"] and not report["connected"] and report["running_jobs"] == []
     assert [e["jobId"] for e in report["open_executions"]] == ["bad", "ok"]
+
+
+def test_a_reused_job_id_lists_both_incarnations_with_their_own_logs(tmp_path: Path) -> None:
+    """A job deleted and created again under the same id (and execution number): the journal
+    keeps the old run as history; the current one is what ``log`` and ``execution`` mean."""
+
+    async def scenario() -> None:
+        clock = Clock()
+        j = Journal(tmp_path / "journal.db", clock=clock)
+        await j.open()
+        try:
+            await j.claiming(("again", 1), "echo", {"operation": "echo"}, 1, 5, queued_at=100)
+            await j.finish(("again", 1), "FAILED", {"reason": "exit code 1"})
+            clock.now += 60
+            await j.archive(("again", 1))  # its status was still owed: dropped with it
+            await j.claiming(("again", 1), "echo", {"operation": "echo"}, 1, 5, queued_at=200)
+            await j.finish(("again", 1), "SUCCEEDED", {"reason": "exit code 0"})
+        finally:
+            await j.close()
+
+    asyncio.run(scenario())
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with JournalReader(tmp_path / "journal.db") as db:
+        both = [e for e in executions(db) if e.job_id == "again"]
+        current = execution(db, "again", 1)
+        assert execution(db, "again") == current
+    assert [e.status for e in both] == ["SUCCEEDED", "FAILED"]
+    old = both[1]
+    assert current.archived_id is None and current.owed
+    assert old.archived_id is not None and not old.owed
+    (logs / f"again.1@{old.archived_id}.log").write_text("old run\n")
+    (logs / "again.1.log").write_text("new run\n")
+    assert old.to_json(logs)["logPath"].endswith(f"again.1@{old.archived_id}.log")
+    assert current.to_json(logs)["logPath"].endswith("again.1.log")

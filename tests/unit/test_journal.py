@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def test_prune_by_age_and_count_never_touches_open_executions(tmp_path: Path) ->
         again = await j.prune(max_age=10**9, max_records=100)
         left = [r.job_id for r in await j.open_records()]
         await j.close()
-        return sorted(pruned) + again, left
+        return sorted(r.key for r in pruned) + [r.key for r in again], left
 
     pruned, left = run(body())
     assert pruned == [(f"j{i}", 1) for i in range(1, 6)]
@@ -115,7 +116,7 @@ def test_prune_by_count_keeps_the_newest(tmp_path: Path) -> None:
             await j.done((f"j{i}", 1))
         pruned = await j.prune(max_age=10**9, max_records=2)
         await j.close()
-        return pruned
+        return [r.key for r in pruned]
 
     assert sorted(run(body())) == [("j0", 1), ("j1", 1), ("j2", 1)]
 
@@ -159,3 +160,167 @@ def test_write_failure_is_a_journal_error_and_changes_nothing(tmp_path: Path) ->
         return record
 
     assert run(body()).state == "claiming"
+
+
+# ---------------------------------------------------------------------- schema 2
+
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE executions (
+    job_id TEXT NOT NULL, execution_number INTEGER NOT NULL, operation TEXT NOT NULL,
+    document TEXT NOT NULL, state TEXT NOT NULL, version INTEGER NOT NULL,
+    step_minutes INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, pid INTEGER,
+    pid_start INTEGER, boot_id TEXT, result TEXT, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, PRIMARY KEY (job_id, execution_number));
+CREATE INDEX executions_state ON executions (state, updated_at);
+CREATE TABLE outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,
+    execution_number INTEGER NOT NULL, status TEXT NOT NULL, details TEXT NOT NULL,
+    final INTEGER NOT NULL, created_at REAL NOT NULL);
+INSERT INTO meta VALUES ('schema', '1');
+INSERT INTO executions VALUES ('old', 1, 'run', '{"operation": "run"}', 'done', 3, 5, 1, NULL,
+    NULL, 'boot-a', '{"status": "SUCCEEDED", "details": {}}', 10.0, 20.0);
+INSERT INTO executions VALUES ('open', 1, 'run', '{"operation": "run"}', 'finished', 2, 5, 1,
+    4242, 99, 'boot-a', '{"status": "FAILED", "details": {"reason": "x"}}', 30.0, 40.0);
+INSERT INTO outbox (job_id, execution_number, status, details, final, created_at)
+    VALUES ('open', 1, 'FAILED', '{"reason": "x"}', 1, 40.0);
+"""
+
+
+def schema_1_journal(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_1)
+    db.commit()
+    db.close()
+
+
+def test_schema_1_is_migrated_in_place(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    db = tmp_path / "journal.db"
+    schema_1_journal(db)
+    caplog.set_level(logging.INFO, "agent.journal")
+
+    async def body() -> tuple[Any, ...]:
+        j = Journal(db, clock=Clock(), thing_name="dev", endpoint="e")
+        await j.open()
+        old, still_open = await j.get(("old", 1)), await j.open_records()
+        outbox = await j.outbox()
+        await j.close()
+        return old, still_open, outbox
+
+    old, still_open, outbox = run(body())
+    assert (old.state, old.version, old.boot_id, old.queued_at) == ("done", 3, "boot-a", None)
+    assert old.result == {"status": "SUCCEEDED", "details": {}}
+    assert [(r.job_id, r.state, r.pid) for r in still_open] == [("open", "finished", 4242)]
+    assert [(e.job_id, e.status) for e in outbox] == [("open", "FAILED")]
+    meta = dict(sqlite3.connect(db).execute("SELECT key, value FROM meta").fetchall())
+    assert meta == {"schema": "2", "thing_name": "dev", "endpoint": "e"}
+    assert any("migrated from schema 1 to 2" in r.message for r in caplog.records)
+    assert not list(tmp_path.glob("journal.db.*-*"))  # migrated, not moved aside
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "journal.db"
+    schema_1_journal(db)
+    connection = sqlite3.connect(db)
+    connection.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    connection.commit()
+    connection.close()
+    with pytest.raises(JournalError, match="newer agent"):
+        run(opened(db))
+
+
+def moved_aside(directory: Path) -> list[Path]:
+    return [p for p in directory.glob("journal.db.previous-*")
+            if not p.name.endswith(("-wal", "-shm"))]
+
+
+@pytest.mark.parametrize("change", ["thing_name", "endpoint"])
+def test_journal_of_another_thing_is_moved_aside(tmp_path: Path, change: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    db = tmp_path / "journal.db"
+    first = {"thing_name": "dev-a", "endpoint": "a.iot.eu-west-1.amazonaws.com"}
+    second = {**first, change: "other"}
+
+    async def body(owner: dict[str, str], job: str) -> list[str]:
+        j = Journal(db, clock=Clock(), **owner)
+        await j.open()
+        if job:
+            await j.claiming((job, 1), "run", {}, 1, 5, queued_at=100)
+        jobs = [r.job_id for r in await j.open_records()]
+        await j.close()
+        return jobs
+
+    assert run(body(first, "theirs")) == ["theirs"]
+    assert run(body(first, "")) == ["theirs"]  # same owner: kept
+    assert run(body(second, "")) == []  # a fresh journal
+    aside = moved_aside(tmp_path)
+    assert len(aside) == 1
+    lines = [r for r in caplog.records if "moved aside" in r.message]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING"
+    assert str(aside[0]) in lines[0].message and "other" in lines[0].message
+    moved = sqlite3.connect(aside[0]).execute("SELECT job_id FROM executions").fetchall()
+    assert moved == [("theirs",)]
+    assert run(body(second, "")) == []  # the new journal is now the other thing's own
+    assert moved_aside(tmp_path) == aside
+
+
+def test_opened_without_an_owner_keeps_any_journal(tmp_path: Path) -> None:
+    db = tmp_path / "journal.db"
+
+    async def body(**owner: str) -> int:
+        j = Journal(db, clock=Clock(), **owner)
+        await j.open()
+        await j.claiming((f"j{len(owner)}", 1), "run", {}, 1, 5)
+        count = len(await j.open_records())
+        await j.close()
+        return count
+
+    assert run(body(thing_name="dev")) == 1
+    assert run(body()) == 2  # e.g. a read-only inspection: no owner, nothing moved
+
+
+def test_archived_execution_is_history_and_frees_its_key(tmp_path: Path) -> None:
+    clock = Clock()
+
+    async def body() -> tuple[Any, ...]:
+        j = await opened(tmp_path / "journal.db", clock)
+        key = ("j1", 1)
+        await j.claiming(key, "run", {"v": 1}, 1, 5, queued_at=100)
+        await j.finish(key, "SUCCEEDED", {"reason": "ok"})  # owed, then the job is deleted
+        old = await j.get(key)
+        clock.now += 10
+        await j.archive(key)
+        assert await j.get(key) is None and await j.outbox() == [] and \
+            await j.open_records() == []
+        await j.claiming(key, "run", {"v": 2}, 1, 5, queued_at=200)  # the re-created job
+        await j.done(key)  # key-based writes touch the new one only
+        history = await j.history(key)
+        await j.close()
+        return old, history
+
+    old, history = run(body())
+    assert [(r.queued_at, r.state, r.document) for r in history] == [
+        (100, "finished", {"v": 1}), (200, "done", {"v": 2})]
+    first, second = history
+    assert first.archived_at is not None and second.archived_at is None
+    assert first.row_id == old.row_id and first.stem == f"j1.1@{old.row_id}" == old.archived_stem
+    assert second.stem == "j1.1"
+
+
+def test_archived_executions_are_pruned_like_finished_ones(tmp_path: Path) -> None:
+    clock = Clock()
+
+    async def body() -> tuple[list[str], list[str]]:
+        j = await opened(tmp_path / "journal.db", clock)
+        key = ("j1", 1)
+        await j.claiming(key, "run", {}, 1, 5, queued_at=100)  # open, then archived
+        await j.archive(key)
+        clock.now += 10
+        await j.claiming(key, "run", {}, 1, 5, queued_at=200)  # open: never pruned
+        pruned = await j.prune(max_age=10**9, max_records=0)
+        left = [r.stem for r in await j.history(key)]
+        await j.close()
+        return [r.stem for r in pruned], left
+
+    pruned, left = run(body())
+    assert pruned == ["j1.1@1"] and left == ["j1.1"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.claims import REPLACED
 from agent.config import Config, HandlerConfig, MqttConfig
 from agent.jobs.shapes import TERMINAL_STATUSES
 from agent.journal import Record
@@ -36,7 +37,7 @@ def record(state: str, attempts: int = 1, boot: str | None = "boot-1") -> Record
 
 
 @pytest.mark.parametrize("cloud", sorted(TERMINAL_STATUSES | {"ResourceNotFound",
-                                                              "TerminalStateReached"}))
+                                                              "TerminalStateReached", REPLACED}))
 @pytest.mark.parametrize("state", ["claiming", "running", "rebooting", "finished"])
 def test_ended_in_the_cloud_means_done_and_leftovers_are_stopped(state: str, cloud: str) -> None:
     cfg = config(idempotent=True)

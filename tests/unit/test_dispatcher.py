@@ -1,0 +1,458 @@
+"""The dispatcher's claim and sync decisions against the emulator's state machine, without a
+broker, with orderings and failures forced that a live run produces only by bad luck.
+
+The client here is a thin stand-in: each request calls :class:`JobsService` (the same state
+machine the sandbox serves over MQTT) and converts its answer with the agent's own shapes, or
+raises the scripted failure. The integration tests (``test_cloud_truth.py``) drive the same
+paths through the real broker, client and agent process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.claims import DESCRIBE_ATTEMPTS
+from agent.config import Config, HandlerConfig, MqttConfig
+from agent.dispatcher import Dispatcher
+from agent.errors import (
+    InvalidResponseError,
+    RequestTimeoutError,
+    error_from_rejection,
+)
+from agent.jobs import shapes
+from agent.journal import Journal, OutboxEntry
+from agent.sandbox.service import JobsService, Rejection
+
+THING = "dev"
+DOC = {"operation": "ok"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ServiceJobs:
+    """The agent's Jobs client over :class:`JobsService`, with scripted failures."""
+
+    def __init__(self, service: JobsService) -> None:
+        self.service = service
+        self.rules: list[tuple[Callable[[str, dict[str, Any]], bool], Exception]] = []
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def fail(self, operation: str, error: Exception, **match: Any) -> None:
+        """Every ``operation`` request whose arguments include ``match`` raises ``error``."""
+        self.rules.append((lambda op, kw: op == operation and all(
+            kw.get(k) == v for k, v in match.items()), error))
+
+    def _serve(self, operation: str, kwargs: dict[str, Any], call: Callable[[], Any]) -> Any:
+        self.calls.append((operation, kwargs))
+        for matches, error in self.rules:
+            if matches(operation, kwargs):
+                raise error
+        try:
+            result = call()
+        except Rejection as rejection:
+            raise error_from_rejection(rejection.code, rejection.message,
+                                       execution_state=rejection.execution_state) from None
+        return result[0] if isinstance(result, tuple) else result
+
+    async def get_pending_job_executions(self, *, thingName: str) -> dict[str, Any]:
+        payload = self._serve("get", {}, lambda: self.service.get_pending(thingName))
+        return shapes.get_pending_response(payload)
+
+    async def describe_job_execution(self, *, jobId: str, thingName: str,
+                                     includeJobDocument: bool = True,
+                                     executionNumber: int | None = None) -> dict[str, Any]:
+        kwargs = {"jobId": jobId, "includeJobDocument": includeJobDocument}
+        payload = self._serve("describe", kwargs, lambda: self.service.describe_execution(
+            thingName, jobId, execution_number=executionNumber,
+            include_job_document=includeJobDocument))
+        return shapes.describe_response(payload)
+
+    async def update_job_execution(self, *, jobId: str, thingName: str, status: str,
+                                   **kwargs: Any) -> dict[str, Any]:
+        names = {"statusDetails": "status_details", "expectedVersion": "expected_version",
+                 "executionNumber": "execution_number", "stepTimeoutInMinutes":
+                 "step_timeout_minutes", "includeJobExecutionState":
+                 "include_job_execution_state", "includeJobDocument": "include_job_document"}
+        args = {names[k]: v for k, v in kwargs.items() if v is not None}
+        payload = self._serve("update", {"jobId": jobId, "status": status, **kwargs},
+                              lambda: self.service.update_execution(thingName, jobId,
+                                                                    status=status, **args))
+        return shapes.update_response(payload)
+
+    def updates(self, job_id: str) -> list[dict[str, Any]]:
+        return [kw for op, kw in self.calls if op == "update" and kw["jobId"] == job_id]
+
+
+class GatedJournal(Journal):
+    """Holds ``delivered`` (the commit after the service accepted a status) until released."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.accepted = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def delivered(self, entry: OutboxEntry, version: int) -> None:
+        self.accepted.set()
+        await self.gate.wait()
+        await super().delivered(entry, version)
+
+
+class World:
+    def __init__(self, tmp: Path, **settings: Any) -> None:
+        self.clock = Clock()
+        self.service = JobsService(clock=self.clock)
+        self.service.create_thing(THING)
+        self.jobs = ServiceJobs(self.service)
+        runs = tmp / "runs"
+        handler = tmp / "ok.sh"
+        handler.write_text(f"#!/bin/sh\necho \"$JOB_ID\" >> {runs}\n")
+        handler.chmod(0o755)
+        self.runs = runs
+        self.config = Config(thing_name=THING, mqtt=MqttConfig(endpoint="e", cert=Path("c"),
+                                                               key=Path("k")),
+                             handlers={"ok": HandlerConfig(command=(str(handler),))},
+                             state_dir=tmp / "state", **settings)
+        self.journal = GatedJournal(tmp / "state" / "journal.db", thing_name=THING,
+                                    endpoint="e")
+        self.dispatcher: Dispatcher | None = None
+
+    async def __aenter__(self) -> World:
+        await self.journal.open()
+        self.dispatcher = Dispatcher(self.config, self.jobs, self.journal)  # type: ignore[arg-type]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.journal.close()
+
+    @property
+    def d(self) -> Dispatcher:
+        assert self.dispatcher is not None
+        return self.dispatcher
+
+    def create(self, job_id: str, document: dict[str, Any] | None = None) -> None:
+        self.service.create_job(job_id, [THING], document or DOC)
+        self.clock.now += 1
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self.service.execution(job_id, THING)
+
+    async def idle(self) -> None:
+        """Wait until no handler runs and no status is being delivered."""
+        for _ in range(400):
+            if not self.d.running and not self.d.delivering:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"still running {list(self.d.running)}")
+
+    def ran(self) -> list[str]:
+        return self.runs.read_text().split() if self.runs.exists() else []
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------------- issue 10, item 5
+
+def test_sync_between_our_accepted_final_update_and_its_commit_is_not_a_cloud_end(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The race behind "execution ended in the cloud ... SUCCEEDED" after our own final update:
+    the update is accepted (the execution leaves the pending list, a notify rings), a sync runs
+    before the agent has committed the delivery and dropped the job from ``running``."""
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.create("j1")
+            w.journal.gate.clear()
+            await w.d.sync()  # claims j1 and starts its handler
+            await asyncio.wait_for(w.journal.accepted.wait(), 10)  # SUCCEEDED was accepted
+            assert ("j1", 1) in w.d.running and w.status("j1")["status"] == "SUCCEEDED"
+            await w.d.sync()  # the notify's sync: j1 is no longer listed
+            w.journal.gate.set()
+            await w.idle()
+            assert w.status("j1")["status"] == "SUCCEEDED"
+            assert [u["status"] for u in w.jobs.updates("j1")] == ["IN_PROGRESS", "SUCCEEDED"]
+            record = await w.journal.get(("j1", 1))
+            assert record is not None and record.state == "done"
+
+    run(body())
+    assert "ended in the cloud" not in caplog.text
+
+
+def test_cloud_end_while_the_handler_runs_still_stops_it(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The fix must not hide a real cancellation: while the handler runs, missing from the
+    list and CANCELED means stop it, and nothing is sent after."""
+    gate = tmp_path / "gate"
+
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            slow = tmp_path / "slow.sh"
+            slow.write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.02; done\n")
+            slow.chmod(0o755)
+            w.config.handlers["slow"] = HandlerConfig(command=(str(slow),))
+            w.create("j1", {"operation": "slow"})
+            await w.d.sync()
+            for _ in range(200):
+                job = w.d.running.get(("j1", 1))
+                if job is not None and job.process is not None and job.process.pid:
+                    break
+                await asyncio.sleep(0.01)
+            w.service.cancel_job("j1", force=True)
+            await w.d.sync()
+            await w.idle()
+            assert [u["status"] for u in w.jobs.updates("j1")] == ["IN_PROGRESS"]
+            assert w.status("j1")["status"] == "CANCELED"
+
+    run(body())
+    assert "ended in the cloud job_id=j1 execution=1 reason=execution is CANCELED" in caplog.text
+
+
+# ---------------------------------------------------------------------- one bad job
+
+def test_unreadable_describe_reply_rejects_that_job_and_the_next_one_runs(
+        tmp_path: Path) -> None:
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.create("bad")
+            w.create("good")
+            w.jobs.fail("describe", InvalidResponseError(
+                "describe: reply on t/accepted is not JSON (7251 bytes)"),
+                jobId="bad", includeJobDocument=True)
+            await w.d.sync()  # the bad one fails once, the good one is claimed meanwhile
+            await w.idle()
+            assert w.status("good")["status"] == "SUCCEEDED" and w.ran() == ["good"]
+            for _ in range(DESCRIBE_ATTEMPTS - 1):
+                assert w.status("bad")["status"] == "QUEUED"
+                await w.d.sync()
+            assert w.status("bad")["status"] == "REJECTED"
+            reason = w.status("bad")["statusDetails"]["reason"]
+            assert reason.startswith(
+                f"the job document could not be read: {DESCRIBE_ATTEMPTS} describes of it "
+                "failed while describes without the document were answered (last: the reply "
+                "was unreadable (describe: reply on t/accepted is not JSON (7251 bytes)))")
+            # The update that ended it carried the version a light describe gave.
+            light = [kw for op, kw in w.jobs.calls if op == "describe" and kw["jobId"] == "bad"
+                     and kw["includeJobDocument"] is False]
+            assert len(light) == DESCRIBE_ATTEMPTS
+            assert w.jobs.updates("bad")[0]["expectedVersion"] == 1
+
+    run(body())
+
+
+def test_one_garbled_describe_reply_costs_a_retry_not_the_job(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.create("j1")
+            w.jobs.fail("describe", InvalidResponseError("no versionNumber"), jobId="j1",
+                        includeJobDocument=True)
+            await w.d.sync()
+            w.jobs.rules.clear()
+            await w.d.sync()
+            await w.idle()
+            assert w.status("j1")["status"] == "SUCCEEDED" and w.d._trouble.strikes == {}
+
+    run(body())
+
+
+def test_document_that_arrives_but_is_not_unicode_is_rejected(tmp_path: Path) -> None:
+    """A client that parses replies itself lets a lone surrogate through: REJECTED, with the
+    reason, and the next job runs."""
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.create("bad", {"operation": "ok", "args": ["\ud800"]})
+            w.create("good")
+            await w.d.sync()
+            await w.idle()
+            assert w.status("bad")["status"] == "REJECTED"
+            assert w.status("bad")["statusDetails"]["reason"] == (
+                "the job document could not be read: it contains a lone UTF-16 surrogate, "
+                "which is not Unicode")
+            assert w.status("good")["status"] == "SUCCEEDED" and w.ran() == ["good"]
+
+    run(body())
+
+
+def test_describe_timing_out_for_one_job_rejects_it_after_the_bound(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.create("bad")
+            w.create("good")
+            w.jobs.fail("describe", RequestTimeoutError("describe: no reply within 5s", "x"),
+                        jobId="bad", includeJobDocument=True)
+            await w.d.sync()
+            assert w.status("bad")["status"] == "QUEUED"  # one timeout may be a lost message
+            await w.idle()
+            assert w.status("good")["status"] == "SUCCEEDED"
+            for _ in range(DESCRIBE_ATTEMPTS - 1):
+                await w.d.sync()
+            assert w.status("bad")["status"] == "REJECTED"
+            reason = w.status("bad")["statusDetails"]["reason"]
+            assert reason.startswith(f"the job document could not be read: {DESCRIBE_ATTEMPTS} "
+                                     "describes of it failed") and "(last: no reply" in reason
+            assert w.ran() == ["good"]
+            full = [kw for op, kw in w.jobs.calls if op == "describe" and kw["jobId"] == "bad"
+                    and kw["includeJobDocument"]]
+            assert len(full) == DESCRIBE_ATTEMPTS
+
+    run(body())
+    waits = [r for r in caplog.records if "not claimed yet: its describe failed" in r.message]
+    assert len(waits) == 1 and waits[0].levelname == "WARNING"  # once, not per attempt
+
+
+def test_troubled_job_is_tried_after_the_others(tmp_path: Path) -> None:
+    async def body() -> list[str]:
+        async with World(tmp_path) as w:
+            w.create("bad")
+            w.create("good")
+            w.jobs.fail("describe", RequestTimeoutError("no reply", "x"), jobId="bad",
+                        includeJobDocument=True)
+            await w.d.sync()
+            await w.idle()
+            w.create("later")
+            w.jobs.calls.clear()
+            await w.d.sync()
+            return [kw["jobId"] for op, kw in w.jobs.calls if op == "describe"]
+
+    # "later" was queued after "bad", but "bad" has failed once: "later" goes first, and the
+    # slot it takes leaves "bad" for the next sync.
+    assert run(body()) == ["later"]
+
+
+def test_no_answer_at_all_is_the_things_problem_not_the_jobs(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.create("j1")
+            w.jobs.fail("describe", RequestTimeoutError("no reply", "x"))  # light ones too
+            for _ in range(DESCRIBE_ATTEMPTS + 2):
+                with pytest.raises(RequestTimeoutError):
+                    await w.d.sync()  # the sync fails whole and is retried with backoff
+            assert w.status("j1")["status"] == "QUEUED"
+            assert w.d._trouble.strikes == {}
+            w.jobs.rules.clear()  # the connection is back
+            await w.d.sync()
+            await w.idle()
+            assert w.status("j1")["status"] == "SUCCEEDED"
+
+    run(body())
+
+
+# ---------------------------------------------------------------------- reused job ids
+
+def test_reused_job_id_runs_again_and_the_old_record_is_history(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.create("j1")
+            await w.d.sync()
+            await w.idle()
+            old = await w.journal.get(("j1", 1))
+            assert old is not None
+            log = w.config.state_dir / "logs" / "j1.1.log"
+            assert log.exists()
+            w.service.delete_job("j1")
+            w.clock.now += 5
+            w.create("j1")  # executionNumber 1 again
+            await w.d.sync()
+            await w.idle()
+            assert w.status("j1")["status"] == "SUCCEEDED" and w.ran() == ["j1", "j1"]
+            history = await w.journal.history(("j1", 1))
+            assert [(r.queued_at, r.archived_at is not None) for r in history] == [
+                (old.queued_at, True), (old.queued_at + 6, False)]
+            # The old run's log went with its record; the new one has its own.
+            assert (w.config.state_dir / "logs" / f"{history[0].stem}.log").exists()
+            assert log.exists()
+
+    run(body())
+
+
+def test_reused_in_the_same_second_is_told_apart_by_its_version(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.service.create_job("j1", [THING], DOC)
+            await w.d.sync()
+            await w.idle()
+            w.service.delete_job("j1")
+            w.service.create_job("j1", [THING], DOC)  # same clock second: same queuedAt
+            await w.d.sync()
+            await w.idle()
+            assert w.ran() == ["j1", "j1"]
+
+    run(body())
+
+
+def test_recovery_never_reports_to_the_execution_that_replaced_ours(tmp_path: Path) -> None:
+    """The agent died while j1's handler ran; j1 was deleted and re-created meanwhile. The old
+    record must not be settled against the new execution (FAILED "interrupted" would end it):
+    it is history, and the new execution runs."""
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            await w.journal.claiming(("j1", 1), "ok", DOC, 1, 5, queued_at=1)
+            await w.journal.started(("j1", 1), None, None, "boot-a")
+            w.create("j1")  # the new execution: queuedAt differs, version 1
+            await w.d.sync()
+            await w.idle()
+            assert [u["status"] for u in w.jobs.updates("j1")] == ["IN_PROGRESS", "SUCCEEDED"]
+            assert w.ran() == ["j1"]
+            assert [r.state for r in await w.journal.history(("j1", 1))] == ["done", "done"]
+
+    run(body())
+
+
+def test_in_progress_execution_replacing_our_record_is_unknown_to_this_device(
+        tmp_path: Path) -> None:
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.create("j1")
+            await w.d.sync()
+            await w.idle()
+            w.service.delete_job("j1")
+            w.clock.now += 5
+            w.create("j1")
+            w.service.start_next(THING)  # claimed by someone else (not this agent)
+            await w.d.sync()
+            execution = w.status("j1")
+            assert execution["status"] == "FAILED"
+            assert execution["statusDetails"]["reason"].startswith(
+                "interrupted: this device has no record of running this job")
+            assert w.ran() == ["j1"]
+            assert [r.archived_at is not None for r in await w.journal.history(("j1", 1))] == \
+                [True]
+
+    run(body())
+
+
+def test_queued_job_left_unclaimed_is_never_silent(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A journal that says this very execution was claimed, while the cloud lists it QUEUED:
+    never claimed twice, and the log says why, once."""
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.create("j1")
+            queued_at = w.status("j1")["queuedAt"]
+            await w.journal.claiming(("j1", 1), "ok", DOC, 1, 5, queued_at=queued_at)
+            await w.journal.started(("j1", 1), None, None, "boot-a")
+            await w.journal.finish(("j1", 1), "SUCCEEDED", {"reason": "x"})
+            await w.journal.done(("j1", 1))
+            w.d._recovered = True
+            for _ in range(3):
+                await w.d.sync()
+            assert w.status("j1")["status"] == "QUEUED" and w.ran() == []
+
+    caplog.set_level(logging.INFO)
+    run(body())
+    lines = [r for r in caplog.records if "not claimed: this device already claimed" in
+             r.message]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING"
