@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import faulthandler
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from agent.errors import (
     ConfigError,
     ConnectionFailedError,
     JournalError,
+    NotAuthorizedError,
     RequestFailedError,
     RequestTimeoutError,
     SandboxError,
@@ -30,6 +32,7 @@ from agent.logs import configure_logging
 __all__ = [
     "EXIT_CONFIG",
     "EXIT_FAILURE",
+    "EXIT_NOPERM",
     "EXIT_OK",
     "EXIT_TEMPFAIL",
     "EXIT_UNAVAILABLE",
@@ -40,6 +43,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # the service rejected the request
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: could not connect
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: timed out / not delivered; trying again may work
+EXIT_NOPERM = 77  # EX_NOPERM: the broker refused a publish/subscribe (the IoT policy)
 EXIT_CONFIG = 78  # EX_CONFIG: fix the configuration
 
 
@@ -48,6 +52,8 @@ def exit_code_for(exc: AgentError) -> int:
         return EXIT_CONFIG
     if isinstance(exc, ConnectionFailedError):
         return EXIT_UNAVAILABLE
+    if isinstance(exc, NotAuthorizedError):
+        return EXIT_NOPERM
     if isinstance(exc, RequestTimeoutError | RequestFailedError | JournalError):
         return EXIT_TEMPFAIL
     return EXIT_FAILURE
@@ -101,6 +107,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_pending(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    if args.verbose == 0:  # a refusal is the error line itself; the log would say it twice
+        logging.getLogger("agent.policy").setLevel(logging.CRITICAL)
     result = asyncio.run(_pending(config))
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")

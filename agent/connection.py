@@ -19,7 +19,7 @@ import enum
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +29,27 @@ from awsiot import mqtt5_client_builder
 
 from agent.config import MqttConfig
 from agent.errors import CertificateValidationException, ConfigError, ConnectionFailedError
+from agent.refusals import RefusalLog
 
-__all__ = ["Connection", "ConnectionEvent", "ConnectionState", "describe_crt_error",
-           "disable_nagle", "hop"]
+__all__ = ["SESSION_EXPIRY", "Connection", "ConnectionEvent", "ConnectionState",
+           "describe_crt_error", "disable_nagle", "hop"]
 
 log = logging.getLogger("agent.connection")
 
 # CRT error names that mean "the TLS handshake failed", whoever refused whom.
 _TLS_ERRORS = ("AWS_IO_TLS_", "AWS_IO_SOCKET_CLOSED_BY_PEER_DURING_TLS")
+# ... and those that mean "the peer closed the connection" (not a keep-alive timeout).
+_HANGUPS = ("HANGUP", "SOCKET_CLOSED")
+
+SESSION_EXPIRY = 3600
+"""Seconds the broker keeps our session (subscriptions, QoS 1 messages for us) after a drop.
+
+A reconnect within it rejoins the session: the standing subscriptions need no SUBSCRIBE, and a
+reply to a request that was in flight when the link dropped is kept for us instead of lost.
+One hour is AWS IoT's default maximum; a longer outage just starts a clean session, and
+:class:`agent.subscriptions.Subscriptions` subscribes again. A clean stop ends the session
+(DISCONNECT with expiry 0): nothing is kept for a device that is not coming back soon.
+"""
 
 
 class ConnectionState(enum.Enum):
@@ -130,8 +143,8 @@ def _is_tls_failure(exc: BaseException | None) -> bool:
 class Connection:
     """One MQTT 5 client to AWS IoT Core over mutually authenticated TLS.
 
-    ``on_message(topic, payload)``, if given, receives every PUBLISH on the asyncio loop (the
-    Jobs client does not need it: the request-response client routes its own replies).
+    ``on_message(topic, payload)``, if given, and every listener added with
+    :meth:`add_message_listener` receive every PUBLISH on the asyncio loop.
 
     Use ``async with Connection(mqtt_config, client_id) as conn`` (waits for the first
     connection, bounded by ``connect_timeout``) or :meth:`start` without waiting (a daemon keeps
@@ -148,12 +161,18 @@ class Connection:
         on_message: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.config = config
-        self._on_message = on_message
         self.client_id = client_id
         self.state = ConnectionState.IDLE
         self.last_error: Exception | None = None
         self.connections = 0  # successful connects so far: lets callers spot reconnects
         self._listeners: list[Callable[[ConnectionEvent], None]] = []
+        self._message_listeners: list[Callable[[str, bytes], None]] = []
+        if on_message is not None:
+            self._message_listeners.append(on_message)
+        # Operations sent and not yet answered, for diagnosing a broker that hangs up on them.
+        self._unanswered: dict[int, tuple[str, str]] = {}
+        self._serial = 0
+        self.refusals = RefusalLog()  # shared by everything on this connection
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt5.Client | None = None
         self._connected = asyncio.Event()
@@ -175,6 +194,10 @@ class Connection:
 
     def add_listener(self, listener: Callable[[ConnectionEvent], None]) -> None:
         self._listeners.append(listener)
+
+    def add_message_listener(self, listener: Callable[[str, bytes], None]) -> None:
+        """``listener(topic, payload)`` for every PUBLISH received, on the asyncio loop."""
+        self._message_listeners.append(listener)
 
     def build(self) -> mqtt5.Client:
         """Create the CRT client (without connecting). Idempotent.
@@ -227,30 +250,80 @@ class Connection:
 
     async def subscribe(self, *topic_filters: str, no_local: bool = True) -> None:
         """Subscribe at QoS 1; raise :class:`ConnectionFailedError` if the broker refuses."""
-        packet = mqtt5.SubscribePacket(subscriptions=[
-            mqtt5.Subscription(topic_filter=f, qos=mqtt5.QoS.AT_LEAST_ONCE, no_local=no_local)
-            for f in topic_filters])
-        suback = await asyncio.wrap_future(self.client.subscribe(packet))
-        bad = [f for f, code in zip(topic_filters, suback.reason_codes, strict=False)
-               if int(code) >= 0x80]
+        codes = await self.subscribe_codes(topic_filters, no_local=no_local)
+        bad = [f for f, code in zip(topic_filters, codes, strict=False) if code >= 0x80]
         if bad:
             raise ConnectionFailedError(f"broker refused subscription to {', '.join(bad)}")
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 1 without waiting; the CRT queues it while offline."""
+    def subscribe_codes(self, topic_filters: Sequence[str], *, no_local: bool = True
+                        ) -> asyncio.Future[list[int]]:
+        """One SUBSCRIBE at QoS 1; the future gets the SUBACK's reason code per filter.
+
+        It fails with the CRT's error if the SUBSCRIBE could not be sent (client stopped). The
+        CRT queues it while offline.
+        """
+        packet = mqtt5.SubscribePacket(subscriptions=[
+            mqtt5.Subscription(topic_filter=f, qos=mqtt5.QoS.AT_LEAST_ONCE, no_local=no_local)
+            for f in topic_filters])
+        return self._track("subscribe", topic_filters[0], self.client.subscribe(packet),
+                           lambda suback: [int(c) for c in suback.reason_codes])
+
+    def publish_acked(self, topic: str, payload: bytes) -> asyncio.Future[int]:
+        """Publish at QoS 1; the future gets the PUBACK's reason code (the CRT queues offline)."""
         future = self.client.publish(mqtt5.PublishPacket(
             topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE))
-        future.add_done_callback(lambda f: self._hop(self._publish_done, topic, f))
 
-    def _publish_done(self, topic: str, future: Any) -> None:
-        exc = future.exception()
-        if exc is not None:
-            log.warning("publish failed topic=%s error=%s", topic, describe_crt_error(exc))
-            return
-        puback = getattr(future.result(), "puback", None)
-        if puback is not None and int(puback.reason_code) >= 0x80:
-            log.warning("publish refused by broker topic=%s reason=%s", topic,
-                        getattr(puback.reason_code, "name", puback.reason_code))
+        def code(done: Any) -> int:
+            puback = getattr(done, "puback", None)
+            reason = int(puback.reason_code) if puback is not None else 0
+            if reason < 0x80:
+                self.refusals.allowed("publish", topic)
+            return reason
+
+        return self._track("publish", topic, future, code)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 without waiting; a refusal or failure is logged."""
+        self.publish_acked(topic, payload).add_done_callback(
+            lambda f: self._publish_done(topic, f))
+
+    def _publish_done(self, topic: str, future: asyncio.Future[int]) -> None:
+        if future.exception() is not None:
+            log.warning("publish failed topic=%s error=%s", topic,
+                        describe_crt_error(future.exception()))
+        elif future.result() >= 0x80:
+            self.refusals.refused("publish", topic, future.result())
+
+    def _track(self, operation: str, topic: str, crt_future: Any,
+               convert: Callable[[Any], Any]) -> asyncio.Future[Any]:
+        """The CRT's future as an asyncio one, completed on the loop (the CRT thread only hops).
+
+        The CRT's future is never cancelled from here: it completes it from its own thread, and
+        setting a result on a cancelled future raises there. A caller that gives up cancels
+        only the asyncio future. While unanswered, the operation is remembered for
+        :meth:`_on_disconnection`.
+        """
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[Any] = loop.create_future()
+        self._serial += 1
+        serial = self._serial
+        self._unanswered[serial] = (operation, topic)
+
+        def settle(done: Any) -> None:
+            self._unanswered.pop(serial, None)
+            if result.done():
+                return
+            exc = done.exception()
+            if exc is not None:
+                result.set_exception(exc)
+                return
+            try:
+                result.set_result(convert(done.result()))
+            except Exception as error:  # an odd ack must not kill the loop
+                result.set_exception(error)
+
+        crt_future.add_done_callback(lambda done: hop(loop, settle, done))
+        return result
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly and wait for the CRT to confirm (bounded)."""
@@ -258,7 +331,8 @@ class Connection:
             self.state = ConnectionState.STOPPED
             return
         self.state = ConnectionState.STOPPING
-        self._client.stop()
+        # Expiry 0: the broker drops our session now rather than keep it for SESSION_EXPIRY.
+        self._client.stop(mqtt5.DisconnectPacket(session_expiry_interval_sec=0))
         try:
             await asyncio.wait_for(self._stopped.wait(), timeout)
         except TimeoutError:
@@ -290,7 +364,11 @@ class Connection:
             "enable_metrics_collection": False,  # else CONNECT's username is an SDK banner
             "keep_alive_interval_sec": max(int(cfg.keep_alive), 32),
             "ping_timeout_ms": 30_000,
-            "session_behavior": mqtt5.ClientSessionBehaviorType.CLEAN,
+            # A clean session at start-up (nothing stale from an earlier run), then rejoin it
+            # after a drop: see SESSION_EXPIRY.
+            "session_behavior": mqtt5.ClientSessionBehaviorType.REJOIN_POST_SUCCESS,
+            "session_expiry_interval_sec": SESSION_EXPIRY,
+            "on_publish_received": self._crt_publish,
             "retry_jitter_mode": mqtt5.ExponentialBackoffJitterMode.FULL,
             "min_reconnect_delay_ms": int(cfg.reconnect_min * 1000),
             "max_reconnect_delay_ms": int(cfg.reconnect_max * 1000),
@@ -300,8 +378,6 @@ class Connection:
             "on_lifecycle_disconnection": self._crt_disconnection,
             "on_lifecycle_stopped": self._crt_stopped,
         }
-        if self._on_message is not None:
-            kwargs["on_publish_received"] = self._crt_publish
         if not cfg.iot_core_limits:  # see MqttConfig.iot_core_limits
             kwargs["extended_validation_and_flow_control_options"] = \
                 mqtt5.ExtendedValidationAndFlowControlOptions.NONE
@@ -330,15 +406,16 @@ class Connection:
         self._hop(self._on_failure, data.exception)
 
     def _crt_disconnection(self, data: mqtt5.LifecycleDisconnectData) -> None:
-        self._hop(self._on_disconnection, data.exception)
+        packet = data.disconnect_packet
+        code = int(packet.reason_code) if packet is not None else None
+        self._hop(self._on_disconnection, data.exception, code)
 
     def _crt_stopped(self, data: mqtt5.LifecycleStoppedData) -> None:
         self._hop(self._on_stopped)
 
     def _crt_publish(self, data: mqtt5.PublishReceivedData) -> None:
         packet = data.publish_packet
-        if self._on_message is not None:
-            self._hop(self._on_message, packet.topic, bytes(packet.payload or b""))
+        self._hop(self._on_publish, packet.topic, bytes(packet.payload or b""))
 
     def _hop(self, fn: Callable[..., None], *args: Any) -> None:
         hop(self._loop, fn, *args)
@@ -386,14 +463,26 @@ class Connection:
             self._failure.set_result(error)
         self._emit(ConnectionEvent("failed", error=error))
 
-    def _on_disconnection(self, exc: BaseException | None) -> None:
+    def _on_publish(self, topic: str, payload: bytes) -> None:
+        for listener in self._message_listeners:
+            try:
+                listener(topic, payload)
+            except Exception:  # one consumer's bug must not starve the others
+                log.exception("message listener failed topic=%s", topic)
+
+    def _on_disconnection(self, exc: BaseException | None, code: int | None = None) -> None:
         was_connected = self.state is ConnectionState.CONNECTED
         if self.state is ConnectionState.CONNECTED:
             self.state = ConnectionState.CONNECTING
         self._connected.clear()
         if was_connected:
-            log.warning("disconnected endpoint=%s error=%s", self.config.endpoint,
-                        describe_crt_error(exc))
+            log.warning("disconnected endpoint=%s error=%s%s", self.config.endpoint,
+                        describe_crt_error(exc),
+                        f" reason=0x{code:02X}" if code is not None else "")
+            name = getattr(exc, "name", "") or ""
+            if code is not None or any(part in name for part in _HANGUPS):
+                self.refusals.disconnected(list(self._unanswered.values()), code,
+                                           describe_crt_error(exc))
             self._emit(ConnectionEvent("disconnected", error=ConnectionFailedError(
                 f"connection to {self.config.endpoint}:{self.config.port} lost: "
                 f"{describe_crt_error(exc)}")))
