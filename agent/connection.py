@@ -31,7 +31,7 @@ from agent.config import MqttConfig
 from agent.errors import CertificateValidationException, ConfigError, ConnectionFailedError
 from agent.refusals import RefusalLog
 
-__all__ = ["SESSION_EXPIRY", "Connection", "ConnectionEvent", "ConnectionState",
+__all__ = ["SESSION_EXPIRY", "Connection", "ConnectionEvent", "ConnectionState", "PublishAck",
            "describe_crt_error", "disable_nagle", "hop"]
 
 log = logging.getLogger("agent.connection")
@@ -123,6 +123,23 @@ def disable_nagle(port: int) -> int:
     return changed
 
 
+class PublishAck:
+    """A QoS 1 PUBLISH's acknowledgement, read without waiting (from any thread)."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Any) -> None:
+        self._future = future
+
+    def code(self) -> int | None:
+        """The PUBACK's reason code; None while unanswered, or if the publish failed."""
+        future = self._future
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            return None
+        puback = getattr(future.result(), "puback", None)
+        return int(puback.reason_code) if puback is not None else None
+
+
 def hop(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., None], *args: Any) -> None:
     """From a CRT thread: schedule ``fn(*args)`` on the agent's loop, and do nothing else.
 
@@ -170,7 +187,7 @@ class Connection:
         if on_message is not None:
             self._message_listeners.append(on_message)
         # Operations sent and not yet answered, for diagnosing a broker that hangs up on them.
-        self._unanswered: dict[int, tuple[str, str]] = {}
+        self._unanswered: dict[int, tuple[str, str, Any]] = {}  # (operation, topic, CRT future)
         self._serial = 0
         self.refusals = RefusalLog()  # shared by everything on this connection
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -265,65 +282,95 @@ class Connection:
         packet = mqtt5.SubscribePacket(subscriptions=[
             mqtt5.Subscription(topic_filter=f, qos=mqtt5.QoS.AT_LEAST_ONCE, no_local=no_local)
             for f in topic_filters])
-        return self._track("subscribe", topic_filters[0], self.client.subscribe(packet),
-                           lambda suback: [int(c) for c in suback.reason_codes])
+        result: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
 
-    def publish_acked(self, topic: str, payload: bytes) -> asyncio.Future[int]:
-        """Publish at QoS 1; the future gets the PUBACK's reason code (the CRT queues offline)."""
+        def done(codes: list[int] | None, exc: BaseException | None) -> None:
+            if result.done():
+                return
+            if exc is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result(codes)
+
+        self._track("subscribe", topic_filters[0], self.client.subscribe(packet),
+                    lambda suback: [int(c) for c in suback.reason_codes], done)
+        return result
+
+    def publish_acked(self, topic: str, payload: bytes,
+                      on_refused: Callable[[int | None, BaseException | None], None]
+                      ) -> PublishAck:
+        """Publish at QoS 1 (the CRT queues it while offline).
+
+        ``on_refused(reason_code, error)`` runs on the loop only if the broker refuses the
+        PUBLISH (PUBACK reason code >= 0x80) or it fails; the returned :class:`PublishAck`
+        tells, without waiting, whether the PUBACK has come and what it said.
+
+        Why not a callback for every PUBACK: each hop from a CRT thread wakes the loop, and on
+        every Jobs request's path that wake-up (and the GIL hand-over with it) cost as much as
+        our whole client on loopback (issue 12's round trip figure). The CRT-side callback
+        reads only the CRT's own completed future (thread-safe) to decide whether the loop has
+        anything to do; agent state is still touched only on the loop.
+        """
         future = self.client.publish(mqtt5.PublishPacket(
             topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE))
+        ack = PublishAck(future)
+        self._remember("publish", topic, future)
+        loop = asyncio.get_running_loop()
 
-        def code(done: Any) -> int:
-            puback = getattr(done, "puback", None)
-            reason = int(puback.reason_code) if puback is not None else 0
-            if reason < 0x80:
-                self.refusals.allowed("publish", topic)
-            return reason
+        def settle(done: Any) -> None:
+            code = ack.code()
+            on_refused(code, None if code is not None else done.exception() or
+                       RuntimeError("publish completed without a PUBACK"))
 
-        return self._track("publish", topic, future, code)
+        def crt_done(done: Any) -> None:  # on a CRT thread
+            code = ack.code()
+            if code is None or code >= 0x80:
+                hop(loop, settle, done)
+
+        future.add_done_callback(crt_done)
+        return ack
 
     def publish(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 without waiting; a refusal or failure is logged."""
-        self.publish_acked(topic, payload).add_done_callback(
-            lambda f: self._publish_done(topic, f))
+        self.publish_acked(topic, payload, lambda code, exc: self._publish_done(topic, code, exc))
 
-    def _publish_done(self, topic: str, future: asyncio.Future[int]) -> None:
-        if future.exception() is not None:
-            log.warning("publish failed topic=%s error=%s", topic,
-                        describe_crt_error(future.exception()))
-        elif future.result() >= 0x80:
-            self.refusals.refused("publish", topic, future.result())
+    def _publish_done(self, topic: str, code: int | None, exc: BaseException | None) -> None:
+        if code is not None:
+            self.refusals.refused("publish", topic, code)
+        else:
+            log.warning("publish failed topic=%s error=%s", topic, describe_crt_error(exc))
 
-    def _track(self, operation: str, topic: str, crt_future: Any,
-               convert: Callable[[Any], Any]) -> asyncio.Future[Any]:
-        """The CRT's future as an asyncio one, completed on the loop (the CRT thread only hops).
+    def _remember(self, operation: str, topic: str, crt_future: Any) -> None:
+        """Note an operation in flight, for :meth:`_on_disconnection` (answered ones pruned)."""
+        self._serial += 1
+        for serial in [k for k, v in self._unanswered.items() if v[2].done()]:
+            del self._unanswered[serial]
+        self._unanswered[self._serial] = (operation, topic, crt_future)
+
+    def _track(self, operation: str, topic: str, crt_future: Any, convert: Callable[[Any], Any],
+               on_done: Callable[[Any, BaseException | None], None]) -> None:
+        """Call ``on_done(convert(result), None)`` or ``on_done(None, error)`` on the loop when
+        the CRT completes ``crt_future`` (its thread only hops).
 
         The CRT's future is never cancelled from here: it completes it from its own thread, and
-        setting a result on a cancelled future raises there. A caller that gives up cancels
-        only the asyncio future. While unanswered, the operation is remembered for
-        :meth:`_on_disconnection`.
+        setting a result on a cancelled future raises there.
         """
         loop = asyncio.get_running_loop()
-        result: asyncio.Future[Any] = loop.create_future()
-        self._serial += 1
-        serial = self._serial
-        self._unanswered[serial] = (operation, topic)
+        self._remember(operation, topic, crt_future)
 
         def settle(done: Any) -> None:
-            self._unanswered.pop(serial, None)
-            if result.done():
-                return
             exc = done.exception()
+            if exc is None:
+                try:
+                    value = convert(done.result())
+                except Exception as error:  # an odd ack must not kill the loop
+                    exc = error
             if exc is not None:
-                result.set_exception(exc)
-                return
-            try:
-                result.set_result(convert(done.result()))
-            except Exception as error:  # an odd ack must not kill the loop
-                result.set_exception(error)
+                on_done(None, exc)
+            else:
+                on_done(value, None)
 
         crt_future.add_done_callback(lambda done: hop(loop, settle, done))
-        return result
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly and wait for the CRT to confirm (bounded)."""
@@ -481,7 +528,9 @@ class Connection:
                         f" reason=0x{code:02X}" if code is not None else "")
             name = getattr(exc, "name", "") or ""
             if code is not None or any(part in name for part in _HANGUPS):
-                self.refusals.disconnected(list(self._unanswered.values()), code,
+                unanswered = [(op, topic) for op, topic, future in self._unanswered.values()
+                              if not future.done()]
+                self.refusals.disconnected(unanswered, code,
                                            describe_crt_error(exc))
             self._emit(ConnectionEvent("disconnected", error=ConnectionFailedError(
                 f"connection to {self.config.endpoint}:{self.config.port} lost: "

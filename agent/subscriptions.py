@@ -52,11 +52,16 @@ class Subscriptions:
     def state(self, topic_filter: str) -> str | None:
         return self._state.get(topic_filter)
 
+    def granted(self, filters: Iterable[str]) -> bool:
+        """Whether every filter is in place on the current connection (no waiting needed)."""
+        return self._connection.connected and all(self._state.get(f) == GRANTED
+                                                  for f in filters)
+
     def want(self, filters: Iterable[str]) -> None:
         """Keep ``filters`` subscribed from now on (subscribed with the next batch)."""
         for topic_filter in filters:
-            self._state.setdefault(topic_filter, IDLE)
-        self._schedule()
+            if self._state.setdefault(topic_filter, IDLE) == IDLE:
+                self._schedule()
 
     async def ready(self, filters: Sequence[str], timeout: float, operation: str = "") -> None:
         """Return once every filter is granted on the current connection.

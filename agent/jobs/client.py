@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent.connection import Connection, describe_crt_error
+from agent.connection import Connection, PublishAck, describe_crt_error
 from agent.errors import (
     InvalidResponseError,
     NotAuthorizedError,
@@ -93,7 +93,7 @@ class _Pending:
     topic: str  # the request topic; replies come on topic + "/accepted" or "/rejected"
     reply: asyncio.Future[tuple[str, Any]]
     connections: int  # Connection.connections when it was published: a reconnect since?
-    puback: int | None = None
+    ack: PublishAck | None = None
 
 
 class JobsClient:
@@ -185,41 +185,45 @@ class JobsClient:
         token = str(uuid.uuid4())
         payload = json.dumps({**body, "clientToken": token}).encode()
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
         pending: _Pending | None = None
         try:
-            async with asyncio.timeout(self._timeout), self._slots:
-                await self.subscriptions.ready(reply_filters(thing), self._timeout, operation)
+            async with self._slots:
+                filters = reply_filters(thing)
+                if not self.subscriptions.granted(filters):  # once per session
+                    await self.subscriptions.ready(filters, deadline - loop.time(), operation)
                 pending = _Pending(operation, thing, topic, loop.create_future(),
                                    self._connection.connections)
+                # One timer and one future per request: the cheapest wait asyncio has.
+                timer = loop.call_at(deadline, _expire, pending.reply)
                 self._pending[token] = pending
                 try:
-                    puback = self._connection.publish_acked(topic, payload)
-                    puback.add_done_callback(lambda done: self._published(token, done))
+                    pending.ack = self._connection.publish_acked(
+                        topic, payload, lambda code, exc: self._refused(token, code, exc))
                     reply_topic, parsed = await pending.reply
                 finally:
+                    timer.cancel()
                     self._pending.pop(token, None)
         except TimeoutError:
             raise self._timed_out(operation, thing, topic, pending) from None
         return self._parse_reply(operation, reply_topic, parsed, token)
 
-    def _published(self, token: str, done: asyncio.Future[int]) -> None:
+    def _refused(self, token: str, code: int | None, exc: BaseException | None) -> None:
+        """The broker refused the request's PUBLISH (``code``), or it failed (``exc``)."""
         pending = self._pending.get(token)
         if pending is None or pending.reply.done():
             return
-        exc = done.exception()
-        if exc is not None:
+        if code is None:
             pending.reply.set_exception(RequestFailedError(
                 f"{pending.operation}: request failed: {describe_crt_error(exc)}",
                 pending.operation))
             return
-        pending.puback = code = done.result()
-        if code >= 0x80:
-            line = self._connection.refusals.refused("publish", pending.topic, code)
-            error_type = NotAuthorizedError if is_policy_refusal(code) else RequestFailedError
-            error = error_type(f"{pending.operation}: {line}", pending.operation)
-            if isinstance(error, NotAuthorizedError):
-                error.action, error.topic = "iot:Publish", pending.topic
-            pending.reply.set_exception(error)
+        line = self._connection.refusals.refused("publish", pending.topic, code)
+        message = f"{pending.operation}: {line}"
+        pending.reply.set_exception(
+            NotAuthorizedError(message, pending.operation, action="iot:Publish",
+                               topic=pending.topic)
+            if is_policy_refusal(code) else RequestFailedError(message, pending.operation))
 
     def _timed_out(self, operation: str, thing: str, topic: str,
                    pending: _Pending | None) -> RequestTimeoutError:
@@ -229,10 +233,10 @@ class JobsClient:
             message += " (not connected to the broker)"
         elif pending is None:
             message += " (the reply subscription was not confirmed in time)"
-        elif pending.puback == _NO_SUBSCRIBERS:
+        elif (code := pending.ack.code() if pending.ack else None) == _NO_SUBSCRIBERS:
             message += (f" (the broker had no subscriber for {topic}: is the Jobs service "
                         "behind this endpoint?)")
-        elif pending.puback is not None and pending.connections == self._connection.connections:
+        elif code is not None and pending.connections == self._connection.connections:
             # Accepted, connection up all along, no reply: count towards the iot:Receive pattern.
             key = (thing, _depth(topic))
             self._silent[key] = self._silent.get(key, 0) + 1
@@ -298,7 +302,9 @@ class JobsClient:
                     len(raw))
 
     def _heard(self, pending: _Pending) -> None:
+        """A reply came: the PUBLISH was allowed, and replies on its topic level arrive."""
         self._silent.pop((pending.thing, _depth(pending.topic)), None)
+        self._connection.refusals.allowed("publish", pending.topic)
 
     # ------------------------------------------------------------------ notifications
 
@@ -364,6 +370,11 @@ class JobsClient:
                         reason)
             return
         self._put(JobsEvent(kind, body))
+
+
+def _expire(reply: asyncio.Future[Any]) -> None:
+    if not reply.done():
+        reply.set_exception(TimeoutError())
 
 
 def _depth(topic: str) -> int:

@@ -111,6 +111,11 @@ class Link:
         if self._server is not None:
             self._server.close()
         self._abort_all()
+        # Every connection's tasks end here, not later in a closed loop.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         loop = asyncio.get_running_loop()
         loop.call_soon(loop.stop)
 

@@ -8,14 +8,16 @@ client sends are counted exactly.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
 
-from agent.connection import ConnectionEvent, ConnectionState
+from agent.connection import ConnectionEvent, ConnectionState, PublishAck
 from agent.errors import (
     ConflictException,
     InvalidResponseError,
@@ -42,7 +44,7 @@ class FakeConnection:
         self.listeners: list[Callable[[ConnectionEvent], None]] = []
         self.message_listeners: list[Callable[[str, bytes], None]] = []
         self.subscribes: list[tuple[list[str], asyncio.Future[list[int]]]] = []
-        self.publishes: list[tuple[str, dict[str, Any], asyncio.Future[int]]] = []
+        self.publishes: list[tuple[str, dict[str, Any]]] = []
         self.suback_codes: dict[str, int] = {}  # filter -> reason code (default granted)
         self.puback_code = 0
         self.auto_suback = True
@@ -75,11 +77,16 @@ class FakeConnection:
             future.set_result([self.suback_codes.get(f, 1) for f in filters])
         return future
 
-    def publish_acked(self, topic: str, payload: bytes) -> asyncio.Future[int]:
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.publishes.append((topic, json.loads(payload), future))
-        future.set_result(self.puback_code)
-        return future
+    def publish_acked(self, topic: str, payload: bytes,
+                      on_refused: Callable[[int | None, BaseException | None], None]
+                      ) -> PublishAck:
+        self.publishes.append((topic, json.loads(payload)))
+        acked: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        acked.set_result(types.SimpleNamespace(puback=types.SimpleNamespace(
+            reason_code=self.puback_code)))
+        if self.puback_code >= 0x80:
+            asyncio.get_running_loop().call_soon(on_refused, self.puback_code, None)
+        return PublishAck(acked)
 
     def deliver(self, topic: str, payload: bytes | dict[str, Any]) -> None:
         raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -89,8 +96,7 @@ class FakeConnection:
     async def next_publish(self, count: int = 1) -> tuple[str, dict[str, Any]]:
         while len(self.publishes) < count:
             await asyncio.sleep(0)
-        topic, body, _ = self.publishes[count - 1]
-        return topic, body
+        return self.publishes[count - 1]
 
 
 def run(body: Callable[[FakeConnection, JobsClient], Awaitable[T]], *,
@@ -138,7 +144,7 @@ def test_concurrent_replies_out_of_order_are_matched_by_token() -> None:
                                                                    thingName=THING))
                  for i in range(3)]
         await conn.next_publish(3)
-        for topic, request, _ in reversed(conn.publishes):
+        for topic, request in reversed(conn.publishes):
             job = topic.split("/")[-2]
             conn.deliver(f"{topic}/accepted", {
                 "clientToken": request["clientToken"],
@@ -192,7 +198,7 @@ def test_an_unreadable_reply_fails_its_own_request_at_once(case: str) -> None:
         other = asyncio.ensure_future(jobs.describe_job_execution(jobId="b", thingName=THING))
         task = asyncio.ensure_future(jobs.describe_job_execution(jobId="a", thingName=THING))
         await conn.next_publish(2)
-        (t_b, r_b, _), (t_a, r_a, _) = conn.publishes[:2]
+        (t_b, r_b), (t_a, r_a) = conn.publishes[:2]
         conn.deliver(f"{t_a}/accepted", reply(r_a["clientToken"]))
         with pytest.raises(InvalidResponseError) as info:
             await task
