@@ -32,6 +32,8 @@ __all__ = ["Agent"]
 log = logging.getLogger("agent.app")
 
 READY_TIMEOUT = 60.0  # below systemd's default TimeoutStartSec=90s
+REFUSED_POLL = 30.0
+"""The safety poll while the broker refuses a notification stream (no doorbell: ask often)."""
 
 
 class Agent:
@@ -153,10 +155,41 @@ class Agent:
             self.notifier.status("TLS handshake refused; check the certificate (see log)")
 
     async def _pump_events(self, jobs: JobsClient, dispatcher: Dispatcher) -> None:
-        """Notifications (and re-established streams) are a doorbell for a sync."""
-        async for event in jobs.events():
-            if event.kind in ("notify", "notify-next", "subscribed"):
-                dispatcher.wake(event.kind)
+        """Notifications (and re-established streams) are a doorbell for a sync.
+
+        A stream the broker refused (the policy lacks iot:Subscribe on it, logged once as an
+        error) leaves no doorbell: until it is granted, the agent polls every
+        :data:`REFUSED_POLL` seconds (or ``poll_interval`` if shorter) instead.
+        """
+        halted: set[str] = set()
+        poller: asyncio.Task[None] | None = None
+        try:
+            async for event in jobs.events():
+                if event.kind in ("notify", "notify-next", "subscribed"):
+                    dispatcher.wake(event.kind)
+                if event.kind == "subscription-halted":
+                    halted.add(event.body["stream"])
+                elif event.kind == "subscribed":
+                    halted.discard(event.body["stream"])
+                if halted and poller is None:
+                    interval = min(REFUSED_POLL, self.config.poll_interval)
+                    log.warning("notifications refused streams=%s: polling every %.0fs "
+                                "instead", ",".join(sorted(halted)), interval)
+                    poller = asyncio.create_task(self._poll(dispatcher, interval))
+                elif not halted and poller is not None:
+                    log.info("notifications granted: back to the %.0fs safety poll",
+                             self.config.poll_interval)
+                    poller.cancel()
+                    poller = None
+        finally:
+            if poller is not None:
+                poller.cancel()
+
+    @staticmethod
+    async def _poll(dispatcher: Dispatcher, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            dispatcher.wake("refused-streams-poll")
 
     async def _ready_when_synced(self, dispatcher: Dispatcher, monitor: Monitor) -> None:
         """READY=1 once connected and the pending jobs are answered.

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import faulthandler
 import json
+import logging
 import os
 import re
 import signal
@@ -32,6 +33,7 @@ from agent.errors import (
     ConfigError,
     ConnectionFailedError,
     JournalError,
+    NotAuthorizedError,
     NotReadableError,
     RequestFailedError,
     RequestTimeoutError,
@@ -47,6 +49,7 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_FAILURE",
     "EXIT_NOINPUT",
+    "EXIT_NOPERM",
     "EXIT_NOT_RUNNING",
     "EXIT_OK",
     "EXIT_STATUS_UNKNOWN",
@@ -62,6 +65,7 @@ EXIT_STATUS_UNKNOWN = 4  # status: cannot tell (the state file or journal is unr
 EXIT_NOINPUT = 66  # EX_NOINPUT: the journal (or a job's log) is missing or unreadable
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: could not connect
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: timed out / not delivered; trying again may work
+EXIT_NOPERM = 77  # EX_NOPERM: the broker refused a publish/subscribe (the IoT policy)
 EXIT_CONFIG = 78  # EX_CONFIG: fix the configuration
 
 
@@ -74,6 +78,8 @@ def exit_code_for(exc: AgentError) -> int:
         return EXIT_NOINPUT
     if isinstance(exc, UnknownJobError):
         return EXIT_FAILURE
+    if isinstance(exc, NotAuthorizedError):
+        return EXIT_NOPERM
     if isinstance(exc, RequestTimeoutError | RequestFailedError | JournalError):
         return EXIT_TEMPFAIL
     return EXIT_FAILURE
@@ -123,6 +129,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_pending(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    if args.verbose == 0:  # a refusal is the error line itself; the log would say it twice
+        logging.getLogger("agent.policy").setLevel(logging.CRITICAL)
     result = asyncio.run(_pending(config))
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")

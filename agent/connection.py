@@ -19,7 +19,7 @@ import enum
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +29,27 @@ from awsiot import mqtt5_client_builder
 
 from agent.config import MqttConfig
 from agent.errors import CertificateValidationException, ConfigError, ConnectionFailedError
+from agent.refusals import RefusalLog
 
-__all__ = ["Connection", "ConnectionEvent", "ConnectionState", "describe_crt_error",
-           "disable_nagle", "hop"]
+__all__ = ["SESSION_EXPIRY", "Connection", "ConnectionEvent", "ConnectionState", "PublishAck",
+           "describe_crt_error", "disable_nagle", "hop"]
 
 log = logging.getLogger("agent.connection")
 
 # CRT error names that mean "the TLS handshake failed", whoever refused whom.
 _TLS_ERRORS = ("AWS_IO_TLS_", "AWS_IO_SOCKET_CLOSED_BY_PEER_DURING_TLS")
+# ... and those that mean "the peer closed the connection" (not a keep-alive timeout).
+_HANGUPS = ("HANGUP", "SOCKET_CLOSED")
+
+SESSION_EXPIRY = 3600
+"""Seconds the broker keeps our session (subscriptions, QoS 1 messages for us) after a drop.
+
+A reconnect within it rejoins the session: the standing subscriptions need no SUBSCRIBE, and a
+reply to a request that was in flight when the link dropped is kept for us instead of lost.
+One hour is AWS IoT's default maximum; a longer outage just starts a clean session, and
+:class:`agent.subscriptions.Subscriptions` subscribes again. A clean stop ends the session
+(DISCONNECT with expiry 0): nothing is kept for a device that is not coming back soon.
+"""
 
 
 class ConnectionState(enum.Enum):
@@ -110,6 +123,23 @@ def disable_nagle(port: int) -> int:
     return changed
 
 
+class PublishAck:
+    """A QoS 1 PUBLISH's acknowledgement, read without waiting (from any thread)."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Any) -> None:
+        self._future = future
+
+    def code(self) -> int | None:
+        """The PUBACK's reason code; None while unanswered, or if the publish failed."""
+        future = self._future
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            return None
+        puback = getattr(future.result(), "puback", None)
+        return int(puback.reason_code) if puback is not None else None
+
+
 def hop(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., None], *args: Any) -> None:
     """From a CRT thread: schedule ``fn(*args)`` on the agent's loop, and do nothing else.
 
@@ -130,8 +160,8 @@ def _is_tls_failure(exc: BaseException | None) -> bool:
 class Connection:
     """One MQTT 5 client to AWS IoT Core over mutually authenticated TLS.
 
-    ``on_message(topic, payload)``, if given, receives every PUBLISH on the asyncio loop (the
-    Jobs client does not need it: the request-response client routes its own replies).
+    ``on_message(topic, payload)``, if given, and every listener added with
+    :meth:`add_message_listener` receive every PUBLISH on the asyncio loop.
 
     Use ``async with Connection(mqtt_config, client_id) as conn`` (waits for the first
     connection, bounded by ``connect_timeout``) or :meth:`start` without waiting (a daemon keeps
@@ -148,12 +178,18 @@ class Connection:
         on_message: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.config = config
-        self._on_message = on_message
         self.client_id = client_id
         self.state = ConnectionState.IDLE
         self.last_error: Exception | None = None
         self.connections = 0  # successful connects so far: lets callers spot reconnects
         self._listeners: list[Callable[[ConnectionEvent], None]] = []
+        self._message_listeners: list[Callable[[str, bytes], None]] = []
+        if on_message is not None:
+            self._message_listeners.append(on_message)
+        # Operations sent and not yet answered, for diagnosing a broker that hangs up on them.
+        self._unanswered: dict[int, tuple[str, str, Any]] = {}  # (operation, topic, CRT future)
+        self._serial = 0
+        self.refusals = RefusalLog()  # shared by everything on this connection
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt5.Client | None = None
         self._connected = asyncio.Event()
@@ -175,6 +211,10 @@ class Connection:
 
     def add_listener(self, listener: Callable[[ConnectionEvent], None]) -> None:
         self._listeners.append(listener)
+
+    def add_message_listener(self, listener: Callable[[str, bytes], None]) -> None:
+        """``listener(topic, payload)`` for every PUBLISH received, on the asyncio loop."""
+        self._message_listeners.append(listener)
 
     def build(self) -> mqtt5.Client:
         """Create the CRT client (without connecting). Idempotent.
@@ -227,30 +267,110 @@ class Connection:
 
     async def subscribe(self, *topic_filters: str, no_local: bool = True) -> None:
         """Subscribe at QoS 1; raise :class:`ConnectionFailedError` if the broker refuses."""
-        packet = mqtt5.SubscribePacket(subscriptions=[
-            mqtt5.Subscription(topic_filter=f, qos=mqtt5.QoS.AT_LEAST_ONCE, no_local=no_local)
-            for f in topic_filters])
-        suback = await asyncio.wrap_future(self.client.subscribe(packet))
-        bad = [f for f, code in zip(topic_filters, suback.reason_codes, strict=False)
-               if int(code) >= 0x80]
+        codes = await self.subscribe_codes(topic_filters, no_local=no_local)
+        bad = [f for f, code in zip(topic_filters, codes, strict=False) if code >= 0x80]
         if bad:
             raise ConnectionFailedError(f"broker refused subscription to {', '.join(bad)}")
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 1 without waiting; the CRT queues it while offline."""
+    def subscribe_codes(self, topic_filters: Sequence[str], *, no_local: bool = True
+                        ) -> asyncio.Future[list[int]]:
+        """One SUBSCRIBE at QoS 1; the future gets the SUBACK's reason code per filter.
+
+        It fails with the CRT's error if the SUBSCRIBE could not be sent (client stopped). The
+        CRT queues it while offline.
+        """
+        packet = mqtt5.SubscribePacket(subscriptions=[
+            mqtt5.Subscription(topic_filter=f, qos=mqtt5.QoS.AT_LEAST_ONCE, no_local=no_local)
+            for f in topic_filters])
+        result: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+
+        def done(codes: list[int] | None, exc: BaseException | None) -> None:
+            if result.done():
+                return
+            if exc is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result(codes)
+
+        self._track("subscribe", topic_filters[0], self.client.subscribe(packet),
+                    lambda suback: [int(c) for c in suback.reason_codes], done)
+        return result
+
+    def publish_acked(self, topic: str, payload: bytes,
+                      on_refused: Callable[[int | None, BaseException | None], None]
+                      ) -> PublishAck:
+        """Publish at QoS 1 (the CRT queues it while offline).
+
+        ``on_refused(reason_code, error)`` runs on the loop only if the broker refuses the
+        PUBLISH (PUBACK reason code >= 0x80) or it fails; the returned :class:`PublishAck`
+        tells, without waiting, whether the PUBACK has come and what it said.
+
+        Why not a callback for every PUBACK: each hop from a CRT thread wakes the loop, and on
+        every Jobs request's path that wake-up (and the GIL hand-over with it) cost as much as
+        our whole client on loopback (issue 12's round trip figure). The CRT-side callback
+        reads only the CRT's own completed future (thread-safe) to decide whether the loop has
+        anything to do; agent state is still touched only on the loop.
+        """
         future = self.client.publish(mqtt5.PublishPacket(
             topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE))
-        future.add_done_callback(lambda f: self._hop(self._publish_done, topic, f))
+        ack = PublishAck(future)
+        self._remember("publish", topic, future)
+        loop = asyncio.get_running_loop()
 
-    def _publish_done(self, topic: str, future: Any) -> None:
-        exc = future.exception()
-        if exc is not None:
+        def settle(done: Any) -> None:
+            code = ack.code()
+            on_refused(code, None if code is not None else done.exception() or
+                       RuntimeError("publish completed without a PUBACK"))
+
+        def crt_done(done: Any) -> None:  # on a CRT thread
+            code = ack.code()
+            if code is None or code >= 0x80:
+                hop(loop, settle, done)
+
+        future.add_done_callback(crt_done)
+        return ack
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 without waiting; a refusal or failure is logged."""
+        self.publish_acked(topic, payload, lambda code, exc: self._publish_done(topic, code, exc))
+
+    def _publish_done(self, topic: str, code: int | None, exc: BaseException | None) -> None:
+        if code is not None:
+            self.refusals.refused("publish", topic, code)
+        else:
             log.warning("publish failed topic=%s error=%s", topic, describe_crt_error(exc))
-            return
-        puback = getattr(future.result(), "puback", None)
-        if puback is not None and int(puback.reason_code) >= 0x80:
-            log.warning("publish refused by broker topic=%s reason=%s", topic,
-                        getattr(puback.reason_code, "name", puback.reason_code))
+
+    def _remember(self, operation: str, topic: str, crt_future: Any) -> None:
+        """Note an operation in flight, for :meth:`_on_disconnection` (answered ones pruned)."""
+        self._serial += 1
+        for serial in [k for k, v in self._unanswered.items() if v[2].done()]:
+            del self._unanswered[serial]
+        self._unanswered[self._serial] = (operation, topic, crt_future)
+
+    def _track(self, operation: str, topic: str, crt_future: Any, convert: Callable[[Any], Any],
+               on_done: Callable[[Any, BaseException | None], None]) -> None:
+        """Call ``on_done(convert(result), None)`` or ``on_done(None, error)`` on the loop when
+        the CRT completes ``crt_future`` (its thread only hops).
+
+        The CRT's future is never cancelled from here: it completes it from its own thread, and
+        setting a result on a cancelled future raises there.
+        """
+        loop = asyncio.get_running_loop()
+        self._remember(operation, topic, crt_future)
+
+        def settle(done: Any) -> None:
+            exc = done.exception()
+            if exc is None:
+                try:
+                    value = convert(done.result())
+                except Exception as error:  # an odd ack must not kill the loop
+                    exc = error
+            if exc is not None:
+                on_done(None, exc)
+            else:
+                on_done(value, None)
+
+        crt_future.add_done_callback(lambda done: hop(loop, settle, done))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly and wait for the CRT to confirm (bounded)."""
@@ -258,7 +378,8 @@ class Connection:
             self.state = ConnectionState.STOPPED
             return
         self.state = ConnectionState.STOPPING
-        self._client.stop()
+        # Expiry 0: the broker drops our session now rather than keep it for SESSION_EXPIRY.
+        self._client.stop(mqtt5.DisconnectPacket(session_expiry_interval_sec=0))
         try:
             await asyncio.wait_for(self._stopped.wait(), timeout)
         except TimeoutError:
@@ -290,7 +411,11 @@ class Connection:
             "enable_metrics_collection": False,  # else CONNECT's username is an SDK banner
             "keep_alive_interval_sec": max(int(cfg.keep_alive), 32),
             "ping_timeout_ms": 30_000,
-            "session_behavior": mqtt5.ClientSessionBehaviorType.CLEAN,
+            # A clean session at start-up (nothing stale from an earlier run), then rejoin it
+            # after a drop: see SESSION_EXPIRY.
+            "session_behavior": mqtt5.ClientSessionBehaviorType.REJOIN_POST_SUCCESS,
+            "session_expiry_interval_sec": SESSION_EXPIRY,
+            "on_publish_received": self._crt_publish,
             "retry_jitter_mode": mqtt5.ExponentialBackoffJitterMode.FULL,
             "min_reconnect_delay_ms": int(cfg.reconnect_min * 1000),
             "max_reconnect_delay_ms": int(cfg.reconnect_max * 1000),
@@ -300,8 +425,6 @@ class Connection:
             "on_lifecycle_disconnection": self._crt_disconnection,
             "on_lifecycle_stopped": self._crt_stopped,
         }
-        if self._on_message is not None:
-            kwargs["on_publish_received"] = self._crt_publish
         if not cfg.iot_core_limits:  # see MqttConfig.iot_core_limits
             kwargs["extended_validation_and_flow_control_options"] = \
                 mqtt5.ExtendedValidationAndFlowControlOptions.NONE
@@ -330,15 +453,16 @@ class Connection:
         self._hop(self._on_failure, data.exception)
 
     def _crt_disconnection(self, data: mqtt5.LifecycleDisconnectData) -> None:
-        self._hop(self._on_disconnection, data.exception)
+        packet = data.disconnect_packet
+        code = int(packet.reason_code) if packet is not None else None
+        self._hop(self._on_disconnection, data.exception, code)
 
     def _crt_stopped(self, data: mqtt5.LifecycleStoppedData) -> None:
         self._hop(self._on_stopped)
 
     def _crt_publish(self, data: mqtt5.PublishReceivedData) -> None:
         packet = data.publish_packet
-        if self._on_message is not None:
-            self._hop(self._on_message, packet.topic, bytes(packet.payload or b""))
+        self._hop(self._on_publish, packet.topic, bytes(packet.payload or b""))
 
     def _hop(self, fn: Callable[..., None], *args: Any) -> None:
         hop(self._loop, fn, *args)
@@ -386,14 +510,28 @@ class Connection:
             self._failure.set_result(error)
         self._emit(ConnectionEvent("failed", error=error))
 
-    def _on_disconnection(self, exc: BaseException | None) -> None:
+    def _on_publish(self, topic: str, payload: bytes) -> None:
+        for listener in self._message_listeners:
+            try:
+                listener(topic, payload)
+            except Exception:  # one consumer's bug must not starve the others
+                log.exception("message listener failed topic=%s", topic)
+
+    def _on_disconnection(self, exc: BaseException | None, code: int | None = None) -> None:
         was_connected = self.state is ConnectionState.CONNECTED
         if self.state is ConnectionState.CONNECTED:
             self.state = ConnectionState.CONNECTING
         self._connected.clear()
         if was_connected:
-            log.warning("disconnected endpoint=%s error=%s", self.config.endpoint,
-                        describe_crt_error(exc))
+            log.warning("disconnected endpoint=%s error=%s%s", self.config.endpoint,
+                        describe_crt_error(exc),
+                        f" reason=0x{code:02X}" if code is not None else "")
+            name = getattr(exc, "name", "") or ""
+            if code is not None or any(part in name for part in _HANGUPS):
+                unanswered = [(op, topic) for op, topic, future in self._unanswered.values()
+                              if not future.done()]
+                self.refusals.disconnected(unanswered, code,
+                                           describe_crt_error(exc))
             self._emit(ConnectionEvent("disconnected", error=ConnectionFailedError(
                 f"connection to {self.config.endpoint}:{self.config.port} lost: "
                 f"{describe_crt_error(exc)}")))

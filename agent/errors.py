@@ -13,7 +13,9 @@ Callers catch by meaning, not by where an error came from::
     ├── UnknownJobError                  the journal has no such job execution
     ├── SandboxError                     the local sandbox could not start (missing tool, port)
     ├── RequestFailedError               the request never reached the service (broker refused
-    │                                    the publish, client stopped); retrying may help
+    │   │                                the publish, client stopped); retrying may help
+    │   └── NotAuthorizedError           the broker refused a publish or subscription: the
+    │                                    device's IoT policy lacks iot:Publish/iot:Subscribe
     └── JobsServiceError                 the Jobs service answered "rejected"; names follow boto3
         ├── InvalidRequestException          InvalidTopic, InvalidJson, InvalidRequest, or a
         │                                    parameter we refused before sending
@@ -45,6 +47,7 @@ __all__ = [
     "InvalidStateTransitionException",
     "JobsServiceError",
     "JournalError",
+    "NotAuthorizedError",
     "NotReadableError",
     "RequestFailedError",
     "RequestTimeoutError",
@@ -109,6 +112,18 @@ class RequestFailedError(AgentError):
     def __init__(self, message: str, operation: str = "") -> None:
         super().__init__(message)
         self.operation = operation
+
+
+class NotAuthorizedError(RequestFailedError):
+    """The broker answered *not authorized*: the device's IoT policy does not allow ``action``
+    (``iot:Publish`` or ``iot:Subscribe``) on ``topic``. Retrying will not help until the policy
+    is changed."""
+
+    def __init__(self, message: str, operation: str = "", *, action: str = "",
+                 topic: str = "") -> None:
+        super().__init__(message, operation)
+        self.action = action
+        self.topic = topic
 
 
 class JournalError(AgentError):

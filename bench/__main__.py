@@ -29,13 +29,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import flatness, hotpath, idle, latency, report, roundtrip, throughput
+from bench import (
+    flatness,
+    hotpath,
+    idle,
+    latency,
+    linked,
+    packets,
+    report,
+    roundtrip,
+    throughput,
+)
 from bench.common import machine
 from bench.world import World
 
 __all__ = ["SECTIONS", "main"]
 
-SECTIONS = ("roundtrip", "latency", "throughput", "idle", "startup", "flatness")
+SECTIONS = ("packets", "roundtrip", "latency", "link", "throughput", "idle", "startup",
+            "flatness")
 
 
 @dataclass(frozen=True)
@@ -55,14 +66,20 @@ class Sizes:
     flat_total: int
     flat_max_records: int
     profile_jobs: int
+    packet_jobs: int
+    link_samples: int
+    link_rt_calls: int
+    link_one_ways: tuple[float, ...]  # seconds each way: 25 ms = a 50 ms RTT
 
 
 FULL = Sizes(rt_calls=1000, rt_rounds=2, rt_extra_calls=200, latency_samples=200, tp_jobs=1000,
              tp_rounds=4, tp_shipped_jobs=100, starts=5, idle_seconds=60.0, flat_first=500,
-             flat_total=5000, flat_max_records=100, profile_jobs=1000)
+             flat_total=5000, flat_max_records=100, profile_jobs=1000, packet_jobs=100,
+             link_samples=30, link_rt_calls=50, link_one_ways=(0.025, 0.150))
 QUICK = Sizes(rt_calls=100, rt_rounds=1, rt_extra_calls=20, latency_samples=20, tp_jobs=100,
               tp_rounds=1, tp_shipped_jobs=10, starts=2, idle_seconds=3.0, flat_first=50,
-              flat_total=200, flat_max_records=20, profile_jobs=100)
+              flat_total=200, flat_max_records=20, profile_jobs=100, packet_jobs=10,
+              link_samples=3, link_rt_calls=5, link_one_ways=(0.025,))
 
 
 def _fs_type(path: Path) -> str:
@@ -103,12 +120,17 @@ def _plan(sizes: Sizes, wanted: list[str], profile: Path | None
           ) -> list[tuple[str, Callable[[World, dict[str, Any]], dict[str, Any]]]]:
     """Sections in run order; each returns {name: result} (idle+startup share one run)."""
     plan: list[tuple[str, Callable[[World, dict[str, Any]], dict[str, Any]]]] = []
+    if "packets" in wanted:
+        plan.append(("packets", lambda w, _: {"packets": packets.run(w, sizes.packet_jobs)}))
     if "roundtrip" in wanted:
         plan.append(("roundtrip", lambda w, _: {"roundtrip": roundtrip.run(
             w, sizes.rt_calls, sizes.rt_rounds, sizes.rt_extra_calls)}))
     if "latency" in wanted:
         plan.append(("latency", lambda w, done: {"latency": latency.run(
             w, sizes.latency_samples, (done.get("roundtrip") or {}).get("raw_echo"))}))
+    if "link" in wanted:
+        plan.append(("link", lambda w, _: {"link": linked.run(
+            w, sizes.link_samples, sizes.link_rt_calls, sizes.link_one_ways)}))
     if "throughput" in wanted:
         plan.append(("throughput", lambda w, _: {"throughput": throughput.run(
             w, sizes.tp_jobs, sizes.tp_rounds, sizes.tp_shipped_jobs)}))

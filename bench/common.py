@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -22,14 +23,57 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PYTHON", "ROOT", "Child", "NotifySocket", "child_env", "cpu_seconds", "machine",
-           "percentile", "ratio", "rss_bytes", "run_json", "summary"]
+__all__ = ["PYTHON", "ROOT", "BrokerCount", "Child", "NotifySocket", "child_env",
+           "count_packets", "cpu_seconds", "machine", "percentile", "ratio", "rss_bytes",
+           "run_json", "summary"]
 
 PYTHON = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 """The checkout: children run from it, so ``python -m agent`` is this tree's agent."""
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+_PACKET = re.compile(r"^\S+ (Received|Sending) ([A-Z]+) (?:from|to) (\S+)(?: \((.*)\))?$",
+                     re.M)
+_PAYLOAD = re.compile(r"\((\d+) bytes\)$")
+
+
+@dataclass
+class BrokerCount:
+    """MQTT packets one client exchanged with Mosquitto, from the broker's own log.
+
+    ``sent`` is what the client sent (the log's "Received X from <id>"), ``received`` what the
+    broker sent it ("Sending X to <id>"), by packet type; ``payload_bytes`` the PUBLISH payloads
+    each way. The broker logs every packet at ``log_type all``: an independent count, not the
+    client's word for it.
+    """
+
+    sent: dict[str, int]
+    received: dict[str, int]
+    payload_bytes_sent: int
+    payload_bytes_received: int
+
+    def requests(self) -> int:
+        """Packets that ask the broker for something: PUBLISH, SUBSCRIBE, UNSUBSCRIBE."""
+        return sum(self.sent.get(k, 0) for k in ("PUBLISH", "SUBSCRIBE", "UNSUBSCRIBE"))
+
+
+def count_packets(log: Path, offset: int, client_id: str) -> BrokerCount:
+    """Count ``client_id``'s packets in Mosquitto's log from byte ``offset`` on."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    sent: dict[str, int] = {}
+    received: dict[str, int] = {}
+    payload = {"Received": 0, "Sending": 0}
+    for way, kind, who, detail in _PACKET.findall(text):
+        if who != client_id:
+            continue
+        table = sent if way == "Received" else received
+        table[kind] = table.get(kind, 0) + 1
+        if kind == "PUBLISH" and (size := _PAYLOAD.search(detail or "")):
+            payload[way] += int(size.group(1))
+    return BrokerCount(dict(sorted(sent.items())), dict(sorted(received.items())),
+                       payload["Received"], payload["Sending"])
 
 
 def percentile(values: Iterable[float], q: float) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 from bench.common import percentile, ratio, summary
 from bench.world import World
 
-__all__ = ["run"]
+__all__ = ["queue_to_handler", "run", "spawn_floor", "stamp_handler"]
 
 THING = "bench-latency"
 STAMP = 'printf "%s\\n" "$EPOCHREALTIME" > "$1"\n'
@@ -53,27 +53,45 @@ def spawn_floor(handler: Path, directory: Path, samples: int) -> list[float]:
     return out
 
 
-def run(world: World, samples: int, floor_rt: dict[str, Any] | None) -> dict[str, Any]:
+def stamp_handler(world: World) -> tuple[Path, dict[str, Any], Path]:
+    """The stamping handler, its ``handlers:`` entry, and the directory for the stamps."""
     handler = world.handler("stamp.sh", STAMP, shebang="#!/bin/bash")
-    config = world.thing_config(THING, {"stamp": {"command": [str(handler)], "timeout": "1m"}})
     stamps = world.dir / "stamps"
     stamps.mkdir(exist_ok=True)
-    spawn = spawn_floor(handler, stamps, samples)
+    return handler, {"stamp": {"command": [str(handler)], "timeout": "1m"}}, stamps
+
+
+def queue_to_handler(world: World, thing: str, config: Path, samples: int,
+                     idle: float = 0.05) -> list[float]:
+    """Seconds from queuing a job to its handler running, ``samples`` jobs one at a time.
+
+    ``idle``: the pause after each job, so that the agent's post-job sync (it finds nothing)
+    is over before the next job is queued.
+    """
+    stamps = world.dir / "stamps"
     agent = world.ready_agent(config)
     latencies = []
     for index in range(samples + 2):
-        stamp = stamps / f"job-{index}"
-        job = f"latency-{index}"
+        stamp = stamps / f"{thing}-job-{index}"
+        job = f"{thing}-{index}"
         queued = time.time()
-        world.emulator.create_job(job, [THING], {"operation": "stamp", "args": [str(stamp)]})
+        world.emulator.create_job(job, [thing], {"operation": "stamp", "args": [str(stamp)]})
         ran = _read_stamp(stamp)
-        while world.emulator.execution(job, THING)["status"] != "SUCCEEDED":
+        while world.emulator.execution(job, thing)["status"] != "SUCCEEDED":
             agent.alive()
             time.sleep(0.002)
-        time.sleep(0.05)  # the agent's post-job sync finds nothing: idle again
+        time.sleep(idle)
         if index >= 2:  # the first jobs warm the agent's code paths up
             latencies.append(ran - queued)
     world.retire(agent)
+    return latencies
+
+
+def run(world: World, samples: int, floor_rt: dict[str, Any] | None) -> dict[str, Any]:
+    handler, handlers, stamps = stamp_handler(world)
+    config = world.thing_config(THING, handlers)
+    spawn = spawn_floor(handler, stamps, samples)
+    latencies = queue_to_handler(world, THING, config, samples)
     ours, spawn_s = summary(latencies), summary(spawn)
     rt = floor_rt or {"p50_ms": None, "p99_ms": None}
     floor_p50 = rt["p50_ms"] + spawn_s["p50_ms"] if rt["p50_ms"] is not None else None

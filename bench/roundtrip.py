@@ -13,37 +13,29 @@ IoT Core flow control on.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-from bench.common import PYTHON, ratio, run_json, summary
+from bench.common import PYTHON, count_packets, ratio, run_json, summary
 from bench.world import World
 
 __all__ = ["run"]
 
 THING = "bench-rt"
 WARMUP = 20
-_RECEIVED = re.compile(r"Received (PUBLISH|SUBSCRIBE|UNSUBSCRIBE) from (\S+)")
 
 
-def _client(world: World, config: Path, mode: str, calls: int,
+def client_run(world: World, config: Path, mode: str, calls: int,
             *flags: str) -> tuple[list[float], dict[str, float]]:
     """One child run: latencies after the warm-up, and broker operations per request."""
     log = world.broker_log
     offset = log.stat().st_size
     out = run_json([PYTHON, "-m", "bench.rt_client", "--config", str(config), "--mode", mode,
                     "--calls", str(calls + WARMUP), *flags], timeout=60 + calls * 0.2)
-    with open(log, "rb") as f:
-        f.seek(offset)
-        text = f.read().decode(errors="replace")
-    ops: dict[str, float] = {}
     # Only the requester's own operations: the echo responder's reply is the floor's "service".
-    requester = out["client_ids"][0]
-    for kind, client in _RECEIVED.findall(text):
-        if client == requester:
-            ops[kind] = ops.get(kind, 0) + 1
-    per_request = {k.lower(): round(v / (calls + WARMUP), 2) for k, v in sorted(ops.items())}
+    count = count_packets(log, offset, out["client_ids"][0])
+    per_request = {k.lower(): round(count.sent.get(k, 0) / (calls + WARMUP), 2)
+                   for k in ("PUBLISH", "SUBSCRIBE", "UNSUBSCRIBE") if count.sent.get(k)}
     return out["latencies"][WARMUP:], per_request
 
 
@@ -54,14 +46,14 @@ def run(world: World, calls: int, rounds: int, extra_calls: int) -> dict[str, An
     floor: list[float] = []
     ops: dict[str, dict[str, float]] = {}
     for _ in range(rounds):
-        latencies, ops["raw_echo"] = _client(world, config, "raw-echo", per_round)
+        latencies, ops["raw_echo"] = client_run(world, config, "raw-echo", per_round)
         floor += latencies
-        latencies, ops["jobs_client"] = _client(world, config, "jobs-client", per_round)
+        latencies, ops["jobs_client"] = client_run(world, config, "jobs-client", per_round)
         ours += latencies
-    service, ops["raw_emulator"] = _client(world, config, "raw-emulator", per_round)
-    crt, ops["rr_client"] = _client(world, config, "rr-client", per_round)
-    nagle, _ = _client(world, config, "raw-echo", extra_calls, "--nagle")
-    shipped, ops["jobs_client_iot_core_limits"] = _client(world, config, "jobs-client",
+    service, ops["raw_emulator"] = client_run(world, config, "raw-emulator", per_round)
+    crt, ops["rr_client"] = client_run(world, config, "rr-client", per_round)
+    nagle, _ = client_run(world, config, "raw-echo", extra_calls, "--nagle")
+    shipped, ops["jobs_client_iot_core_limits"] = client_run(world, config, "jobs-client",
                                                           extra_calls, "--limits")
     ours_s, floor_s = summary(ours), summary(floor)
     return {

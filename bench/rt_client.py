@@ -6,7 +6,9 @@ process hosts the emulator). Modes:
 ``raw-echo``
     The floor: a raw awscrt MQTT5 requester publishes a token (QoS 1) and waits for a trivial
     responder, a second raw client in this process that echoes each request from its CRT
-    callback, to send it back. Both keep their subscriptions for the whole run.
+    callback, to send it back. Both keep their subscriptions for the whole run. With
+    ``--responder-port`` the responder connects to the broker directly while the requester's
+    config points at an emulated link: the floor of a device behind that link.
 ``raw-emulator``
     The same raw requester against the Jobs emulator's ``get`` (a standing ``get/+``
     subscription, replies matched by clientToken): the service's own time, without our client.
@@ -73,12 +75,12 @@ class _Inbox:
 
 
 def _raw_client(cfg: dict[str, Any], client_id: str, limits: bool,
-                on_publish: Any) -> mqtt5.Client:
+                on_publish: Any, port: int | None = None) -> mqtt5.Client:
     """A connected raw client, built with the options the agent's Connection uses."""
     connected = threading.Event()
     mqtt = cfg["mqtt"]
     kwargs: dict[str, Any] = {
-        "endpoint": mqtt["endpoint"], "port": mqtt["port"], "cert_filepath": mqtt["cert"],
+        "endpoint": mqtt["endpoint"], "port": port or mqtt["port"], "cert_filepath": mqtt["cert"],
         "pri_key_filepath": mqtt["key"], "ca_filepath": mqtt["ca"], "client_id": client_id,
         "enable_metrics_collection": False,
         "on_lifecycle_connection_success": lambda _: connected.set(),
@@ -100,7 +102,7 @@ def _subscribe(client: mqtt5.Client, topic_filter: str) -> None:
 
 
 def raw(cfg: dict[str, Any], mode: str, calls: int, limits: bool,
-        nagle: bool) -> tuple[list[float], list[str]]:
+        nagle: bool, responder_port: int | None = None) -> tuple[list[float], list[str]]:
     thing = cfg["thing_name"]
     prefix = f"$aws/things/{thing}/jobs"
     inbox = _Inbox()
@@ -115,7 +117,8 @@ def raw(cfg: dict[str, Any], mode: str, calls: int, limits: bool,
             responder[0].publish(mqtt5.PublishPacket(
                 topic=reply, payload=data.publish_packet.payload, qos=QOS1))
 
-        responder.append(_raw_client(cfg, f"{thing}-echo", limits, echo))
+        # The responder plays the service: on the broker's side of an emulated link.
+        responder.append(_raw_client(cfg, f"{thing}-echo", limits, echo, responder_port))
         ids.append(f"{thing}-echo")
         _subscribe(responder[0], request)
         reply_filter = reply
@@ -125,6 +128,8 @@ def raw(cfg: dict[str, Any], mode: str, calls: int, limits: bool,
     _subscribe(requester, reply_filter)
     if not nagle:
         disable_nagle(int(cfg["mqtt"]["port"]))
+        if responder_port:
+            disable_nagle(responder_port)
     latencies = []
     for _ in range(calls):
         token = str(uuid.uuid4())
@@ -187,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, required=True)
     parser.add_argument("--limits", action="store_true", help="keep AWS IoT Core flow control")
     parser.add_argument("--nagle", action="store_true", help="keep awscrt's default socket")
+    parser.add_argument("--responder-port", type=int, default=None,
+                        help="raw-echo: the echo responder connects here (the broker itself, "
+                             "when the requester goes through an emulated link)")
     args = parser.parse_args(argv)
     if args.mode == "jobs-client":
         latencies, ids = asyncio.run(jobs_client(args.config, args.calls, args.limits))
@@ -195,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                                    args.limits)
     else:
         cfg = yaml.safe_load(args.config.read_text())
-        latencies, ids = raw(cfg, args.mode, args.calls, args.limits, args.nagle)
+        latencies, ids = raw(cfg, args.mode, args.calls, args.limits, args.nagle,
+                             args.responder_port)
     json.dump({"latencies": latencies, "client_ids": ids}, sys.stdout)
     sys.stdout.flush()
     # No teardown of the CRT objects: tearing down a bare request-response client and its MQTT

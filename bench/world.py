@@ -76,6 +76,11 @@ class World:
         assert self.stack.broker is not None
         return self.stack.broker.log_path
 
+    @property
+    def broker_port(self) -> int:
+        assert self.stack.broker is not None
+        return self.stack.broker.port
+
     # ------------------------------------------------------------------ things and agents
 
     def handler(self, name: str, body: str, shebang: str = "#!/bin/sh") -> Path:
@@ -89,9 +94,15 @@ class World:
         return path
 
     def thing_config(self, thing: str, handlers: dict[str, Any], *,
-                     iot_core_limits: bool | None = None, **settings: Any) -> Path:
-        """Register ``thing`` and write its agent config (AGENT_SETTINGS + ``settings``)."""
+                     iot_core_limits: bool | None = None, port: int | None = None,
+                     **settings: Any) -> Path:
+        """Register ``thing`` and write its agent config (AGENT_SETTINGS + ``settings``).
+
+        ``port``: connect there instead of the broker (an emulated link in front of it).
+        """
         config = yaml.safe_load(self.stack.thing(thing).read_text())
+        if port is not None:
+            config["mqtt"]["port"] = port
         state = self.dir / "agents" / thing
         config.update(AGENT_SETTINGS)
         config.update({"state_dir": str(state / "state"), "handlers": handlers}, **settings)

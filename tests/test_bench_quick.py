@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("roundtrip", "latency", "throughput", "idle", "startup", "flatness")
+SECTIONS = ("packets", "roundtrip", "latency", "link", "throughput", "idle", "startup",
+            "flatness")
 
 pytestmark = pytest.mark.broker
 
@@ -34,6 +35,13 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert sections["roundtrip"]["jobs_client"]["n"] > 0
     assert sections["roundtrip"]["raw_echo"]["p50_ms"] > 0
     assert sections["latency"]["queue_to_handler"]["p50_ms"] > 0
+    for consumer in ("agent", "sample"):  # every job ran; the broker counted its packets
+        packets = sections["packets"][consumer]
+        assert packets["statuses"] == {"SUCCEEDED": packets["jobs"]}
+        assert packets["sent_per_job"]["PUBLISH"] >= 2 and packets["wire_bytes_up_per_job"] > 0
+    for link in sections["link"]["links"]:
+        assert link["raw_echo"]["p50_ms"] >= link["rtt_ms"]  # the link really delays
+        assert link["queue_to_handler"]["p50_ms"] > 0
     for consumer in ("agent", "sample"):
         assert sections["throughput"][consumer]["statuses"] == {
             "SUCCEEDED": sections["throughput"][consumer]["jobs"]}

@@ -181,8 +181,6 @@ def nested(depth: int) -> list[Any]:
 BAD_DOCUMENTS = {
     # 990 levels, 2.3 KB of valid JSON: the reply arrives, Python's json cannot parse it.
     "deep": ({"operation": "ok", "deep": nested(990)}, "unreadable"),
-    # A lone surrogate: awscrt's JSON parser drops the describe reply; every describe times out.
-    "surrogate": ({"operation": "ok", "text": "\ud800"}, "no reply"),
 }
 
 
@@ -209,6 +207,28 @@ def test_bad_document_is_rejected_and_never_holds_up_the_next_job(
     if how == "no reply":
         # The good job did not wait for the bad one's attempts to run out.
         assert done["lastUpdatedAt"] <= rejected["lastUpdatedAt"]
+    assert "sync failed" not in agent.log()
+
+
+def test_lone_surrogate_is_rejected_and_never_holds_up_the_next_job(
+        thing: Thing, tmp_path: Path) -> None:
+    """``"\\ud800"`` made awscrt's request-response client drop the describe reply, so every
+    request timed out and the queue stalled. The Jobs client reads replies itself now, so the
+    document arrives; a lone surrogate is not Unicode (no handler could be given it as UTF-8),
+    so that execution alone is REJECTED and the job behind it runs."""
+    h, runs = counting(tmp_path)
+    odd, good = thing.j("surrogate"), thing.j("after-surrogate")
+    with AgentProcess(thing.stack, thing.name, tmp_path / "agent", h) as agent:
+        agent.wait_ready()
+        thing.emulator.create_job(odd, [thing.name], {"operation": "ok", "text": "\ud800"})
+        thing.emulator.create_job(good, [thing.name], {"operation": "ok"})
+        assert agent.wait_status(good, timeout=30)["status"] == "SUCCEEDED"
+        rejected = agent.wait_status(odd, timeout=30)
+        assert agent.stop() == 0
+    assert rejected["status"] == "REJECTED"
+    reason = rejected["statusDetails"]["reason"]
+    assert reason.startswith(UNREADABLE) and "surrogate" in reason
+    assert runs.read_text().split() == [good]
     assert "sync failed" not in agent.log()
 
 
