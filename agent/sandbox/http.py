@@ -129,21 +129,24 @@ def parse_int(text: str | None, name: str, low: int | None = None,
     return value
 
 
-def page(items: list[dict[str, Any]], request: Request, key: str) -> dict[str, Any]:
-    """One page of a List* answer: ``maxResults`` (1-250) items from the offset in ``nextToken``.
+def page(items: list[Any], request: Request, key: str, *, token: str = "nextToken",
+         size: str = "maxResults", next_token: str = "nextToken") -> dict[str, Any]:
+    """One page of a List* answer: ``maxResults`` (1-250) items from the offset in ``nextToken``
+    (or the members named ``size``, ``token`` and ``next_token``: ``pageSize``, ``marker``,
+    ``nextMarker`` for the policy operations).
 
     The token is the offset as text: opaque to boto3's paginators, which only echo it back.
     """
-    size = query_int(request, "maxResults", 1, 250) or 250
-    token = request.query.get("nextToken")
+    count = query_int(request, size, 1, 250) or 250
+    given = request.query.get(token)
     start = 0
-    if token is not None:
-        if not token.isdigit() or int(token) > len(items):
-            raise Rejection("InvalidRequest", f"nextToken {token!r} is not one this API issued")
-        start = int(token)
-    out: dict[str, Any] = {key: items[start:start + size]}
-    if start + size < len(items):
-        out["nextToken"] = str(start + size)
+    if given is not None:
+        if not given.isdigit() or int(given) > len(items):
+            raise Rejection("InvalidRequest", f"{token} {given!r} is not one this API issued")
+        start = int(given)
+    out: dict[str, Any] = {key: items[start:start + count]}
+    if start + count < len(items):
+        out[next_token] = str(start + count)
     return out
 
 

@@ -39,6 +39,8 @@ from typing import Any, Final
 from agent.jobs.shapes import document_text
 from agent.sandbox.emulator import Emulator
 from agent.sandbox.http import HttpFront, Request, Route, page, parse_int, query_bool
+from agent.sandbox.http_policies import POLICY_ERRORS, policy_routes
+from agent.sandbox.policies import Policies
 from agent.sandbox.service import JobsService, Publish, Rejection
 
 __all__ = ["ACCOUNT_ID", "ERRORS", "REGION", "control_plane"]
@@ -367,9 +369,11 @@ def _attributes(payload: object) -> dict[str, str]:
     return dict(attributes)
 
 
-def control_plane(emulator: Emulator, *, region: str = REGION,
-                  account_id: str = ACCOUNT_ID) -> HttpFront:
-    """The control plane's routes over ``emulator``'s service; start it with ``.start(port)``."""
+def control_plane(emulator: Emulator, *, region: str = REGION, account_id: str = ACCOUNT_ID,
+                  policies: Policies | None = None) -> HttpFront:
+    """The control plane's routes over ``emulator``'s service; start it with ``.start(port)``.
+
+    With ``policies``, also the policy and certificate operations (:mod:`.http_policies`)."""
     api = _ControlPlane(emulator, region, account_id)
     q = frozenset
     force = q({"force"})
@@ -404,4 +408,8 @@ def control_plane(emulator: Emulator, *, region: str = REGION,
         Route("GET", "/things", api.list_things, errors=_BASE, query=list_query | {
             "attributeName", "attributeValue", "usePrefixAttributeValue", "thingTypeName"}),
     ]
-    return HttpFront("iot", routes, ERRORS, internal=("InternalFailureException", 500))
+    if policies is not None:
+        routes += policy_routes(policies, lambda name: emulator.call(
+            lambda s: _thing_exists(s, name)))
+    return HttpFront("iot", routes, ERRORS | POLICY_ERRORS,
+                     internal=("InternalFailureException", 500))

@@ -42,7 +42,7 @@ from agent.config import load_config
 from agent.errors import ConflictException, JobsServiceError
 from agent.jobs import JobsClient
 from agent.sandbox.stack import Stack
-from tests.conftest import Thing, boto3_shape_errors, open_client, run
+from tests.conftest import Thing, boto3_shape_errors, broad_jobs_policy, open_client, run
 
 pytestmark = pytest.mark.broker
 
@@ -350,9 +350,11 @@ def test_writes_over_http_match_the_mqtt_shapes(sb: Sandbox) -> None:
 
 
 def _unregistered_config(stack: Stack, name: str, directory: Path) -> Path:
-    """An agent config with a valid certificate for a thing the service never registered."""
+    """An agent config with a valid certificate for a thing the service never registered,
+    whose policy names that thing's topics literally (no thing to resolve a variable)."""
     assert stack.broker is not None and stack.pki is not None
-    identity = stack.pki.client(name)
+    identity, _ = stack.certificate(name)
+    stack.set_policy(name, broad_jobs_policy(name))
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"thing_name": name, "mqtt": {
         "endpoint": stack.broker.host, "port": stack.broker.port, "cert": str(identity.cert),

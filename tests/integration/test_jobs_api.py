@@ -23,7 +23,7 @@ from agent.errors import (
     TerminalStateException,
     ThrottlingException,
 )
-from tests.conftest import Thing, boto3_shape_errors, open_client, run
+from tests.conftest import Thing, boto3_shape_errors, broad_jobs_policy, open_client, run
 
 pytestmark = pytest.mark.broker
 
@@ -309,7 +309,11 @@ def test_rejection_codes_map_to_boto3_exceptions(
 
 
 def test_service_side_invalid_request_and_invalid_topic(thing: Thing) -> None:
-    """The emulator's own validation, reached by skipping the client's (``_request``)."""
+    """The emulator's own validation, reached by skipping the client's (``_request``).
+
+    ``no-such-api`` is no request topic: only a policy granting all of ``jobs/*`` lets the
+    device publish there and read the InvalidTopic answer (the default policy refuses it)."""
+    thing.stack.set_policy(thing.name, broad_jobs_policy())
     thing.emulator.create_job(thing.j("iv"), [thing.name], DOC)
     prefix = f"$aws/things/{thing.name}/jobs"
 
