@@ -34,6 +34,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.sandbox._validate import Rejection, parse_request
+from agent.sandbox.document import dumps
 
 __all__ = [
     "HttpFront",
@@ -239,7 +240,7 @@ class HttpFront:
             return _error(status, name, "the sandbox failed to serve this request (see its log)")
         if result is None:
             return 200, {}, b""
-        return 200, {"Content-Type": "application/json"}, json.dumps(result).encode()
+        return 200, {"Content-Type": "application/json"}, dumps(result).encode()
 
     def _rejection(self, route: Route, rejection: Rejection) -> tuple[int, dict[str, str], bytes]:
         """The service's code as the model's exception; the original code leads the message

@@ -19,7 +19,6 @@ from agent.errors import RequestFailedError
 from agent.sandbox.iot_policy import DEFAULT_POLICIES, THING_NAME
 from agent.sandbox.stack import Stack
 from tests.conftest import Thing, open_client, run, unique_thing_name
-from tests.integration.test_boto3_referee import sandbox_client
 from tests.integration.test_broker import OP_TIMEOUT, Client, clients
 
 pytestmark = pytest.mark.broker
@@ -59,11 +58,6 @@ EVERYTHING_BUT = {
         allow(["iot:Publish", "iot:Receive"], JOBS + "*"), allow("iot:Subscribe", FILTERS + "*"),
         deny("iot:Receive", JOBS + "notify-next")),
 }
-
-
-@pytest.fixture(scope="module")
-def iot(stack: Stack) -> Any:
-    return sandbox_client("iot", stack.control_endpoint, stack.region)
 
 
 @pytest.fixture
