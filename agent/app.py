@@ -2,7 +2,9 @@
 
 Signal handlers only set an event; everything else happens on the loop. ``READY=1`` goes to
 systemd once the first connection is up and the pending jobs have been answered; ``WATCHDOG=1``
-is sent from the loop itself, so a wedged loop stops the pings and systemd restarts us.
+is sent from the loop itself, so a wedged loop stops the pings and systemd restarts us. SIGHUP
+re-reads the configuration (:mod:`agent.reload`); :class:`agent.monitor.Monitor` keeps the
+state file that ``iot-jobs-agent status`` reads, and the metrics file.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import os
 import signal
 from pathlib import Path
 
+from agent._version import __version__
 from agent.config import Config
 from agent.connection import Connection, ConnectionEvent
 from agent.dispatcher import Dispatcher
 from agent.errors import CertificateValidationException, ConfigError
 from agent.jobs import JobsClient
 from agent.journal import Journal
+from agent.monitor import Monitor
+from agent.reload import reread
 from agent.systemd import Notifier
 
 __all__ = ["Agent"]
@@ -38,6 +43,8 @@ class Agent:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0
+        self._reload = asyncio.Event()
+        self._ready = False  # READY=1 sent: from then on a reload is RELOADING=1 ... READY=1
         self._failed = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -47,6 +54,10 @@ class Agent:
         self._stop.set()
         if self._signals > 1:
             self._force.set()  # a second signal: stop handlers now, do not wait the grace
+
+    def request_reload(self) -> None:
+        """SIGHUP: only record it; :meth:`_reloader` does the work on the loop."""
+        self._reload.set()
 
     async def serve(self) -> int:
         self._prepare_state_dir()
@@ -58,32 +69,42 @@ class Agent:
         # Under systemd, per-job logs go where LogsDirectory= points; else under state_dir.
         job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")
                         or Path(self.config.state_dir) / "logs")
+        monitor = Monitor(self.config, journal, job_logs=job_logs, version=__version__,
+                          pid=os.getpid())
         dispatcher = Dispatcher(self.config, jobs, journal, job_logs=job_logs,
-                                on_change=lambda: self._status(dispatcher))
+                                on_change=lambda: self._status(dispatcher, monitor),
+                                on_outcome=monitor.on_outcome)
+        monitor.attach(dispatcher)
+        monitor.changed()
         jobs.open_streams(self.config.thing_name)
         connection.add_listener(lambda ev: self._on_connection(ev, dispatcher))
+        connection.add_listener(monitor.on_connection)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         log.info("starting thing=%s handlers=%s state_dir=%s max_concurrent_jobs=%d",
                  self.config.thing_name, ",".join(sorted(self.config.handlers)) or "-",
                  self.config.state_dir, self.config.max_concurrent_jobs)
         connection.start()
         self._spawn(dispatcher.run(), "agent.dispatcher")
         self._spawn(self._pump_events(jobs, dispatcher), "agent.events")
-        self._spawn(self._ready_when_synced(dispatcher), "agent.ready")
+        self._spawn(self._ready_when_synced(dispatcher, monitor), "agent.ready")
         self._spawn(self._watchdog(), "agent.watchdog")
+        self._spawn(self._reloader(dispatcher, monitor), "agent.reload")
         await self._stop.wait()
         log.info("stopping: no new jobs; running=%d grace=%.0fs", len(dispatcher.running),
                  self.config.shutdown_grace)
         self.notifier.stopping(f"stopping, {len(dispatcher.running)} job(s) running")
+        monitor.set_phase("stopping")
         await dispatcher.shutdown(self.config.shutdown_grace, self._force)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await connection.stop()
+        await monitor.close()
         await journal.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")
         return 1 if self._failed else 0
@@ -133,7 +154,7 @@ class Agent:
             if event.kind in ("notify", "notify-next", "subscribed"):
                 dispatcher.wake(event.kind)
 
-    async def _ready_when_synced(self, dispatcher: Dispatcher) -> None:
+    async def _ready_when_synced(self, dispatcher: Dispatcher, monitor: Monitor) -> None:
         """READY=1 once connected and the pending jobs are answered.
 
         A device that boots offline must not hold up ``multi-user.target`` (which orders itself
@@ -147,9 +168,36 @@ class Agent:
             log.warning("not connected after %.0fs; reporting ready and still trying",
                         READY_TIMEOUT)
             self.notifier.ready("offline: still connecting (see log)")
+            self._ready = True
             await dispatcher.synced.wait()
         log.info("ready thing=%s", self.config.thing_name)
         self.notifier.ready(self._describe(dispatcher))
+        self._ready = True
+        monitor.set_phase("running")
+
+    async def _reloader(self, dispatcher: Dispatcher, monitor: Monitor) -> None:
+        """Each SIGHUP: re-read the config; apply it whole, or refuse it whole and keep ours."""
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            if self._ready:
+                self.notifier.reloading(f"reloading {self.config.source}")
+            outcome = reread(self.config)
+            if outcome.config is not None:
+                self.config = outcome.config
+                dispatcher.reconfigure(outcome.config)
+                monitor.reconfigure(outcome.config)
+                logging.getLogger("agent").setLevel(outcome.config.log_level)
+            monitor.reloaded(outcome.ok, outcome.message)
+            self._reloaded(self._describe(dispatcher) if outcome.ok
+                           else f"reload refused (see log); {self._describe(dispatcher)}")
+
+    def _reloaded(self, status: str) -> None:
+        """The reload is over: READY=1 ends systemd's "reloading" (not before start-up's)."""
+        if self._ready:
+            self.notifier.ready(status)
+        else:
+            self.notifier.status(status)
 
     async def _watchdog(self) -> None:
         """Ping systemd from the loop: if the loop wedges, the pings stop."""
@@ -166,8 +214,9 @@ class Agent:
         running = [f"{k[0]}#{k[1]}" for k in dispatcher.running]
         return f"running {', '.join(running)}" if running else "idle, waiting for jobs"
 
-    def _status(self, dispatcher: Dispatcher) -> None:
+    def _status(self, dispatcher: Dispatcher, monitor: Monitor) -> None:
         self.notifier.status(self._describe(dispatcher))
+        monitor.changed()
 
 
 async def run_agent(config: Config) -> int:
