@@ -266,8 +266,15 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from agent.sandbox.demo import DEFAULT_SANDBOX_DIR, run_sandbox
 
     directory = DEFAULT_SANDBOX_DIR if args.dir is None else args.dir
+    policy = None
+    if args.policy is not None:
+        try:
+            policy = args.policy.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--policy {args.policy}: cannot read it ({exc})") from None
     try:
-        return run_sandbox(directory, once=args.once, agent=not args.no_agent)
+        return run_sandbox(directory, once=args.once, agent=not args.no_agent, policy=policy,
+                           policy_name=None if args.policy is None else str(args.policy))
     except RuntimeError as exc:  # the sandbox's own set-up failures (mosquitto/openssl missing)
         raise SandboxError(str(exc)) from exc
 
@@ -370,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the demo job, then exit 0 if it SUCCEEDED")
     p.add_argument("--no-agent", action="store_true",
                    help="run only the cloud side (broker + emulator); run the agent yourself")
+    p.add_argument("--policy", type=Path, default=None, metavar="FILE",
+                   help="an AWS IoT policy document (JSON) to attach to the sandbox thing "
+                        "instead of the default ones (see the README for the supported subset)")
     p.set_defaults(func=cmd_sandbox)
     return parser
 

@@ -7,6 +7,7 @@ run, and a section never inherits another's queue.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,12 @@ AGENT_SETTINGS: dict[str, Any] = {
     "progress_interval": "10s",  # the default; no-op handlers report no progress anyway
 }
 """Settings every bench agent gets on top of the thing's ``Stack.thing`` config."""
+
+_JOBS = "arn:aws:iot:*:*:%s/$aws/things/${iot:Connection.Thing.ThingName}/jobs/*"
+JOBS_ANYWHERE = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": "iot:Connect", "Resource": "arn:aws:iot:*:*:client/*"},
+    {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": _JOBS % "topic"},
+    {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": _JOBS % "topicfilter"}]})
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"})
 
@@ -98,9 +105,11 @@ class World:
                      **settings: Any) -> Path:
         """Register ``thing`` and write its agent config (AGENT_SETTINGS + ``settings``).
 
-        ``port``: connect there instead of the broker (an emulated link in front of it).
+        Its policy grants all of its ``jobs/*`` both ways (as many accounts do): the raw echo
+        baseline publishes on and reads topics that are no Jobs request. ``port``: connect there
+        instead of the broker (an emulated link in front of it).
         """
-        config = yaml.safe_load(self.stack.thing(thing).read_text())
+        config = yaml.safe_load(self.stack.thing(thing, policy=JOBS_ANYWHERE).read_text())
         if port is not None:
             config["mqtt"]["port"] = port
         state = self.dir / "agents" / thing

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -51,6 +52,17 @@ class Thing:
     @property
     def emulator(self) -> Any:
         return self.stack.emulator
+
+
+def broad_jobs_policy(thing: str = "${iot:Connection.Thing.ThingName}") -> str:
+    """A policy as many AWS accounts write it: every Jobs topic of the thing, both ways (so
+    the device may also publish on topics that map to no API, and read their rejections)."""
+    topics = f"arn:aws:iot:*:*:topic/$aws/things/{thing}/jobs/*"
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": "arn:aws:iot:*:*:client/*"},
+        {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": topics},
+        {"Effect": "Allow", "Action": "iot:Subscribe",
+         "Resource": f"arn:aws:iot:*:*:topicfilter/$aws/things/{thing}/jobs/*"}]})
 
 
 def unique_thing_name(request: pytest.FixtureRequest) -> str:

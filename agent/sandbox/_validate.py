@@ -28,8 +28,8 @@ __all__ = [
     "comment",
     "device_status",
     "integer",
-    "job_document",
     "job_id",
+    "lenient_integer",
     "parse_request",
     "reason_code",
     "request_kwargs",
@@ -52,7 +52,8 @@ _JOB_ID_RE: Final = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _DETAIL_KEY_RE: Final = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _REASON_CODE_RE: Final = re.compile(r"[A-Z0-9_]{1,128}")
 _MAX_DETAIL_VALUE: Final = 1024
-_MAX_DOCUMENT_CHARS: Final = 32768
+_MAX_CLIENT_TOKEN: Final = 64
+_DIGITS_RE: Final = re.compile(r"-?[0-9]{1,19}")
 _MAX_STEP_TIMEOUT: Final = 10080
 _LONG_MIN: Final = -(2**63)
 _LONG_MAX: Final = 2**63 - 1
@@ -156,8 +157,13 @@ def route(topic: str) -> Route | None:
 def parse_request(payload: bytes) -> dict[str, Any]:
     """Decode a request body: a UTF-8 JSON object, else ``InvalidJson``.
 
-    ``NaN``/``Infinity`` are refused too: they are not JSON, only Python's parser accepts them.
+    An empty payload is ``{}``: AWS's embedded C Jobs library sends nothing at all for a request
+    without a client token (``Jobs_StartNextMsg``), and its demo publishes ``get``,
+    ``$next/get`` and ``start-next`` that way. ``NaN``/``Infinity`` are refused: they are not
+    JSON, only Python's parser accepts them.
     """
+    if not payload:
+        return {}
 
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
@@ -189,6 +195,8 @@ def request_kwargs(operation: str, request: dict[str, Any]) -> dict[str, Any]:
         if argument is None:
             if not isinstance(value, str):
                 raise _invalid("clientToken must be a string")
+            if len(value) > _MAX_CLIENT_TOKEN:
+                raise _invalid(f"clientToken must be at most {_MAX_CLIENT_TOKEN} characters")
         else:
             kwargs[argument] = value
     if operation == "update":
@@ -249,6 +257,14 @@ def integer(value: object, field: str) -> int | None:
     return value
 
 
+def lenient_integer(value: object, field: str) -> int | None:
+    """:func:`integer`, or one written as a JSON string of decimal digits: AWS's embedded C
+    Jobs library sends ``"expectedVersion":"3"`` (``Jobs_UpdateMsg``) and AWS accepts it."""
+    if isinstance(value, str) and _DIGITS_RE.fullmatch(value):
+        value = int(value)
+    return integer(value, field)
+
+
 def boolean(value: object, field: str) -> bool:
     """A boolean flag; ``0``/``1``/``"true"`` are refused, as a typed client never sends them."""
     if not isinstance(value, bool):
@@ -256,11 +272,14 @@ def boolean(value: object, field: str) -> bool:
     return value
 
 
-def step_timeout(value: object) -> int | None:
-    """stepTimeoutInMinutes: 1..10080, or -1 to cancel the step timer (None = not given)."""
+def step_timeout(value: object, *, cancel: bool = True) -> int | None:
+    """stepTimeoutInMinutes: 1..10080 (None = not given), or -1 to cancel the step timer where
+    ``cancel`` (UpdateJobExecution only: the model documents -1 for it, not for start-next)."""
     minutes = integer(value, "stepTimeoutInMinutes")
-    if minutes is not None and minutes != -1 and not 1 <= minutes <= _MAX_STEP_TIMEOUT:
-        raise _invalid(f"stepTimeoutInMinutes must be 1-{_MAX_STEP_TIMEOUT} or -1, not {minutes}")
+    if minutes is not None and not (1 <= minutes <= _MAX_STEP_TIMEOUT
+                                    or (cancel and minutes == -1)):
+        allowed = f"1-{_MAX_STEP_TIMEOUT}" + (" or -1" if cancel else "")
+        raise _invalid(f"stepTimeoutInMinutes must be {allowed}, not {minutes}")
     return minutes
 
 
@@ -279,24 +298,6 @@ def device_status(value: object) -> str:
     if not isinstance(value, str) or value not in DEVICE_STATUSES:
         raise _invalid(f"status {value!r} must be one of {', '.join(sorted(DEVICE_STATUSES))}")
     return value
-
-
-def job_document(value: object) -> dict[str, Any]:
-    """A job document: a JSON object of at most 32768 characters, returned as a deep copy.
-
-    The round trip through JSON both proves it serialisable (the MQTT front must ``json.dumps``
-    every payload it carries) and detaches it from the caller's object.
-    """
-    if not isinstance(value, dict):
-        raise _invalid("document must be a JSON object")
-    try:
-        encoded = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise _invalid(f"document is not JSON-serialisable: {exc}") from None
-    if len(encoded) > _MAX_DOCUMENT_CHARS:
-        raise _invalid(f"document is {len(encoded)} characters, at most {_MAX_DOCUMENT_CHARS}")
-    document: dict[str, Any] = json.loads(encoded)
-    return document
 
 
 def text(value: object, field: str, max_length: int) -> str | None:

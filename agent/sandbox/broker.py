@@ -1,14 +1,22 @@
 """A private Mosquitto broker on loopback that authenticates and authorises like AWS IoT Core.
 
 The sandbox needs a broker that behaves like AWS IoT for the parts the agent depends on: mutual
-TLS, the certificate's CN as the client's identity, and a per-thing topic policy. Mosquitto 2.x
-does all of that with a small generated config:
+TLS, the certificate's CN as the client's identity, and per-device policies that refuse what they
+do not allow. Mosquitto 2.x does all of that with a small generated config:
 
 * one TLS listener on ``127.0.0.1:<port>`` with ``require_certificate true`` and
   ``use_identity_as_username true``: the client certificate's CN becomes the MQTT user name;
-* an ACL file: ``pattern readwrite $aws/things/%u/jobs/#`` confines every thing to its own Jobs
-  topics (a refused QoS 1 publish gets PUBACK reason code 135, *not authorized*), and each service
-  identity (the Jobs emulator) may use ``$aws/things/+/jobs/#`` for all things.
+* the dynamic-security plugin (:mod:`agent.sandbox.dynsec`) holds each identity's ACLs. A
+  subscription outside them gets SUBACK reason code 135 (*not authorized*), a publish PUBACK 135,
+  and a message they do not let the client receive is not delivered: what AWS IoT answers for a
+  policy that lacks iot:Subscribe, iot:Publish or iot:Receive. The service identities (the Jobs
+  emulator) get fixed ACLs over every thing's ``$aws`` topics; devices get what
+  :meth:`Broker.grant` gives them (translated from AWS IoT policies by
+  :mod:`agent.sandbox.iot_policy`); an identity never granted anything may do nothing.
+* ``retain_available false``: AWS IoT refuses retained messages on its reserved ``$aws`` topics,
+  and Mosquitto cannot refuse them per topic, so it refuses every retained publish (an MQTT 5
+  client learns it from the CONNACK and fails the publish itself; an MQTT 3.1.1 client that sends
+  one is disconnected). Nothing is ever stored or replayed to a later subscriber.
 
 Mosquitto quirks this module works around (2.0.11):
 
@@ -16,8 +24,9 @@ Mosquitto quirks this module works around (2.0.11):
   certificates, which then sit unreadable in our 0700 directory. The config therefore names the
   current user (``user root`` makes it keep root, with a warning in the log; as a normal user the
   option is ignored).
-* A subscription the ACL forbids still gets a *successful* SUBACK; the ACL is applied per message
-  at delivery, so the subscriber simply receives nothing.
+* ``acl_file`` grants every SUBACK and only filters deliveries, which is why the plugin is used.
+* With ``use_identity_as_username`` no plugin is asked about the CONNECT itself, so a broker
+  cannot refuse a connection by policy (see ``docs/fidelity.md``).
 * ``log_dest file`` only starts logging after the config is parsed, so config and bind errors
   would be lost. We log to stderr and point the child's stderr at ``mosquitto.log`` instead.
 
@@ -28,6 +37,7 @@ terminal stops it together with the sandbox.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -39,10 +49,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
+from agent.sandbox.dynsec import PLUGIN_PATHS, Acl, DynsecAdmin, config_document, grant_commands
 from agent.sandbox.pki import Pki
 
-__all__ = ["Broker", "start_broker"]
+__all__ = ["ADMIN_IDENTITY", "SERVICE_FILTERS", "Broker", "start_broker"]
 
 HOST = "127.0.0.1"
 """Loopback only: the sandbox broker must never be reachable from the network."""
@@ -58,6 +70,13 @@ START_ATTEMPTS = 5
 
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 """Debian and Ubuntu install ``mosquitto`` in /usr/sbin, which a normal user's PATH often lacks."""
+
+SERVICE_FILTERS: Final = ("$aws/things/+/jobs/#", "$aws/commands/#")
+"""What a service identity (the Jobs emulator, a Commands emulator) may publish, receive and
+subscribe to, for every thing: the service side of AWS IoT's reserved topics."""
+
+ADMIN_IDENTITY: Final = "sandbox-dynsec-admin"
+"""The CN allowed to change ACLs at run time (``$CONTROL/dynamic-security/#``); not a thing."""
 
 _INSTALL_HINT = "install it with `apt-get install -y mosquitto`"
 _MISSING = f"mosquitto not found: {_INSTALL_HINT}"
@@ -79,9 +98,9 @@ class Broker:
         host: always ``127.0.0.1``.
         port: the TLS listener's port.
         pki: the certificates the broker serves and trusts.
-        dir: holds ``mosquitto.conf``, ``acl`` and ``mosquitto.log``.
+        dir: holds ``mosquitto.conf``, ``dynamic-security.json`` and ``mosquitto.log``.
         process: the current Mosquitto process (replaced by :meth:`restart`).
-        service_identities: CNs allowed to use every thing's Jobs topics.
+        service_identities: CNs allowed to use every thing's reserved topics.
     """
 
     host: str
@@ -90,6 +109,8 @@ class Broker:
     dir: Path
     process: subprocess.Popen[bytes]
     service_identities: tuple[str, ...] = field(default=("jobs-emulator",))
+    _admin: DynsecAdmin | None = field(default=None, repr=False)
+    _generations: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def conf_path(self) -> Path:
@@ -143,9 +164,42 @@ class Broker:
             process.wait()
 
     def restart(self) -> None:
-        """Stop and start again on the same port; returns once the broker accepts TCP again."""
+        """Stop and start again on the same port; returns once the broker accepts TCP again.
+
+        The identities' ACLs survive (the plugin saved them to its file)."""
         self.stop()
         self.start()
+
+    def grant(self, identity: str, *, allow: Sequence[Acl], deny: Sequence[Acl] = ()) -> None:
+        """Give ``identity`` (a certificate CN) exactly these ACLs, replacing earlier ones.
+
+        Takes effect before this returns. A first grant leaves a connected client of that name
+        connected; a later one disconnects it (Mosquitto's way of enforcing the change, see
+        :mod:`agent.sandbox.dynsec`), and it reconnects under the new ACLs.
+
+        Raises:
+            ValueError: ``identity`` is a service or admin identity (their ACLs are fixed).
+            agent.sandbox.dynsec.DynsecError: the broker refused or did not answer.
+        """
+        if identity in self.service_identities or identity == ADMIN_IDENTITY:
+            raise ValueError(f"{identity} is a sandbox service identity; its ACLs are fixed")
+        generation = self._generations.get(identity, 0) + 1
+        self._admin_client().run(grant_commands(identity, deny, allow, generation=generation))
+        self._generations[identity] = generation
+
+    def close(self) -> None:
+        """Stop Mosquitto and the admin client for good (:meth:`stop` is a restartable outage)."""
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            admin.close()
+        self.stop()
+
+    def _admin_client(self) -> DynsecAdmin:
+        if self._admin is None:
+            identity = self.pki.client(ADMIN_IDENTITY)
+            self._admin = DynsecAdmin(host=self.host, port=self.port, cert=identity.cert,
+                                      key=identity.key, ca=self.pki.ca_cert)
+        return self._admin
 
     def __enter__(self) -> Broker:
         return self
@@ -156,7 +210,7 @@ class Broker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.close()
 
 
 def start_broker(
@@ -166,28 +220,33 @@ def start_broker(
     port: int | None = None,
     service_identities: Sequence[str] = ("jobs-emulator",),
 ) -> Broker:
-    """Write ``mosquitto.conf`` and ``acl`` into ``directory``, start Mosquitto and wait for it.
+    """Write ``mosquitto.conf`` and ``dynamic-security.json`` into ``directory``, start
+    Mosquitto and wait for it. No device identity may do anything until :meth:`Broker.grant`.
 
     Parameters:
         directory: created with mode 0700 if missing; config and log go here.
         pki: from :func:`agent.sandbox.pki.create_pki`; ``pki.server`` is the broker's identity.
         port: the loopback port to listen on; ``None`` picks a free one.
-        service_identities: certificate CNs that may read and write every thing's Jobs topics.
+        service_identities: certificate CNs that may read and write every thing's reserved
+            topics (:data:`SERVICE_FILTERS`).
 
     Raises:
-        RuntimeError: Mosquitto is missing, or failed to start (the message has its log's tail).
+        RuntimeError: Mosquitto or its dynamic-security plugin is missing, or Mosquitto failed
+            to start (the message has its log's tail).
         ValueError: a service identity is not a valid name.
     """
     directory = Path(directory).absolute()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     services = tuple(service_identities)
-    acl = directory / "acl"
-    acl.write_text(_acl_text(services))
+    plugin = _find_plugin()
+    acl = directory / "dynamic-security.json"
+    acl.write_text(json.dumps(config_document(_fixed_acls(services)), indent=1))
+    (directory / "acl").unlink(missing_ok=True)  # an older sandbox's acl_file
     conf = directory / "mosquitto.conf"
     log = directory / "mosquitto.log"
     for attempt in range(START_ATTEMPTS):
         chosen = port if port is not None else _free_port()
-        conf.write_text(_conf_text(chosen, pki, acl))
+        conf.write_text(_conf_text(chosen, pki, acl, plugin))
         try:
             process = _launch(conf, log, chosen)
         except _PortBusyError:
@@ -205,6 +264,15 @@ def start_broker(
             service_identities=services,
         )
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _find_plugin() -> str:
+    for candidate in PLUGIN_PATHS:
+        if os.path.exists(candidate):
+            return candidate
+    raise RuntimeError("mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) "
+                       f"not found in {', '.join(PLUGIN_PATHS)}: {_INSTALL_HINT} "
+                       "(Debian's package ships it)")
 
 
 def _find_mosquitto() -> str:
@@ -256,7 +324,7 @@ def _check_conf_value(value: str) -> str:
     return value
 
 
-def _conf_text(port: int, pki: Pki, acl: Path) -> str:
+def _conf_text(port: int, pki: Pki, acl: Path, plugin: str) -> str:
     user = _current_user()
     lines = [
         "# Generated by agent.sandbox.broker; rewritten on every start_broker().",
@@ -268,7 +336,10 @@ def _conf_text(port: int, pki: Pki, acl: Path) -> str:
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         "connection_messages true",
         "allow_anonymous false",
-        f"acl_file {_check_conf_value(str(acl))}",
+        f"plugin {_check_conf_value(plugin)}",
+        f"plugin_opt_config_file {_check_conf_value(str(acl))}",
+        # See the module docstring: AWS IoT refuses retained publishes on its reserved topics.
+        "retain_available false",
         "",
         f"listener {port} {HOST}",
         "set_tcp_nodelay true",
@@ -282,17 +353,18 @@ def _conf_text(port: int, pki: Pki, acl: Path) -> str:
     return "\n".join(lines)
 
 
-def _acl_text(service_identities: Sequence[str]) -> str:
-    lines = [
-        "# Generated by agent.sandbox.broker. %u is the client certificate's CN (the thing name).",
-        "# Like an AWS IoT policy scoped to iot:Connection.Thing.ThingName: own Jobs topics only.",
-        "pattern readwrite $aws/things/%u/jobs/#",
-    ]
+def _fixed_acls(service_identities: Sequence[str]) -> dict[str, list[Acl]]:
+    """The ACLs that never change: each service identity over every thing's reserved topics,
+    and the admin over the plugin's control topics."""
+    fixed: dict[str, list[Acl]] = {}
     for name in service_identities:
-        if not name or any(c.isspace() or c in "+#/" for c in name):
+        if not name or any(c.isspace() or c in "+#/" for c in name) or name == ADMIN_IDENTITY:
             raise ValueError(f"invalid service identity {name!r}")
-        lines += ["", f"user {name}", "topic readwrite $aws/things/+/jobs/#"]
-    return "\n".join(lines) + "\n"
+        fixed[name] = [Acl(kind, topic) for topic in SERVICE_FILTERS for kind in (
+            "publishClientSend", "publishClientReceive", "subscribePattern")]
+    fixed[ADMIN_IDENTITY] = [Acl(kind, "$CONTROL/dynamic-security/#") for kind in (
+        "publishClientSend", "publishClientReceive", "subscribePattern")]
+    return fixed
 
 
 def _log_tail(log: Path, offset: int, lines: int = 15) -> str:

@@ -24,6 +24,10 @@ from typing import Any
 
 import yaml
 
+from agent.errors import ConfigError
+from agent.sandbox._validate import Rejection
+from agent.sandbox.http_control import ACCOUNT_ID, REGION
+from agent.sandbox.iot_policy import parse_policy
 from agent.sandbox.stack import Stack
 
 __all__ = ["DEFAULT_SANDBOX_DIR", "SANDBOX_THING", "run_sandbox"]
@@ -95,12 +99,25 @@ def _wait_terminal(stack: Stack, job_id: str, timeout: float) -> dict[str, Any] 
     return None
 
 
-def run_sandbox(directory: Path, *, once: bool, agent: bool = True) -> int:
+def run_sandbox(directory: Path, *, once: bool, agent: bool = True, policy: str | None = None,
+                policy_name: str | None = None) -> int:
+    """Run the sandbox; ``policy`` (a policy document, from the file ``policy_name``) replaces
+    the default policies of every thing.
+
+    Raises:
+        ConfigError: the policy is refused (the message says why, as create_policy would).
+        RuntimeError: the sandbox could not start.
+    """
     directory = directory.resolve()
+    if policy is not None:
+        try:
+            parse_policy(policy, region=REGION, account=ACCOUNT_ID)
+        except Rejection as rejection:
+            raise ConfigError(f"--policy {policy_name}: {rejection}") from None
     for stale in ("things", "state"):  # the emulator's state died with its last process
         shutil.rmtree(directory / stale, ignore_errors=True)
     (directory / "sandbox.json").unlink(missing_ok=True)  # its endpoints died with it too
-    with Stack(directory) as stack:
+    with Stack(directory, policy=policy) as stack:
         assert stack.broker is not None and stack.emulator is not None and stack.pki is not None
         config = yaml.safe_load(stack.thing(SANDBOX_THING).read_text())
         (directory / "metrics").mkdir(exist_ok=True)  # node exporter's textfile directory
@@ -131,6 +148,9 @@ def run_sandbox(directory: Path, *, once: bool, agent: bool = True) -> int:
         _say(f"data plane, boto3.client('iot-jobs-data'): {stack.data_endpoint}")
         _say(f"region {stack.region}; thing {SANDBOX_THING}; agent config {agent_yaml}; "
              f"all of it in {directory / 'sandbox.json'}")
+        _say(f"policies of {SANDBOX_THING}'s certificate: "
+             f"{', '.join(stack.default_policies)}"
+             + (f" (from {policy_name})" if policy_name else ""))
         process = None
         if agent:
             cmd = [sys.executable, "-m", "agent", "run", "--config", str(agent_yaml)]

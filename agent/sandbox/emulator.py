@@ -10,7 +10,6 @@ all service state is touched only on that thread.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 
 from agent.config import MqttConfig
 from agent.connection import Connection, ConnectionEvent
+from agent.sandbox.document import dumps
 from agent.sandbox.service import JobsService, Publish
 
 __all__ = ["Emulator"]
@@ -258,7 +258,7 @@ class Emulator:
     def _send(self, publishes: list[Publish]) -> None:
         assert self._connection is not None
         for pub in publishes:
-            self._connection.publish(pub.topic, json.dumps(pub.payload).encode())
+            self._connection.publish(pub.topic, dumps(pub.payload).encode())
 
     def _schedule_tick(self) -> None:
         """Sleep exactly until the next step timer or job timeout, never poll."""

@@ -34,6 +34,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.sandbox._validate import Rejection, parse_request
+from agent.sandbox.document import dumps
 
 __all__ = [
     "HttpFront",
@@ -129,21 +130,24 @@ def parse_int(text: str | None, name: str, low: int | None = None,
     return value
 
 
-def page(items: list[dict[str, Any]], request: Request, key: str) -> dict[str, Any]:
-    """One page of a List* answer: ``maxResults`` (1-250) items from the offset in ``nextToken``.
+def page(items: list[Any], request: Request, key: str, *, token: str = "nextToken",
+         size: str = "maxResults", next_token: str = "nextToken") -> dict[str, Any]:
+    """One page of a List* answer: ``maxResults`` (1-250) items from the offset in ``nextToken``
+    (or the members named ``size``, ``token`` and ``next_token``: ``pageSize``, ``marker``,
+    ``nextMarker`` for the policy operations).
 
     The token is the offset as text: opaque to boto3's paginators, which only echo it back.
     """
-    size = query_int(request, "maxResults", 1, 250) or 250
-    token = request.query.get("nextToken")
+    count = query_int(request, size, 1, 250) or 250
+    given = request.query.get(token)
     start = 0
-    if token is not None:
-        if not token.isdigit() or int(token) > len(items):
-            raise Rejection("InvalidRequest", f"nextToken {token!r} is not one this API issued")
-        start = int(token)
-    out: dict[str, Any] = {key: items[start:start + size]}
-    if start + size < len(items):
-        out["nextToken"] = str(start + size)
+    if given is not None:
+        if not given.isdigit() or int(given) > len(items):
+            raise Rejection("InvalidRequest", f"{token} {given!r} is not one this API issued")
+        start = int(given)
+    out: dict[str, Any] = {key: items[start:start + count]}
+    if start + count < len(items):
+        out[next_token] = str(start + count)
     return out
 
 
@@ -236,7 +240,7 @@ class HttpFront:
             return _error(status, name, "the sandbox failed to serve this request (see its log)")
         if result is None:
             return 200, {}, b""
-        return 200, {"Content-Type": "application/json"}, json.dumps(result).encode()
+        return 200, {"Content-Type": "application/json"}, dumps(result).encode()
 
     def _rejection(self, route: Route, rejection: Rejection) -> tuple[int, dict[str, str], bytes]:
         """The service's code as the model's exception; the original code leads the message

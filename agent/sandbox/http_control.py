@@ -15,30 +15,32 @@ Decisions where the service and AWS differ or AWS is silent:
 * Error names are the model's, per operation. A service code the operation's model does not list
   becomes ``InvalidRequestException`` with the code leading the message (cancelling a COMPLETED
   job: CancelJob has no InvalidStateTransitionException).
-* DeleteJob of a job still IN_PROGRESS on a device, without ``force``, is
-  ``InvalidStateTransitionException`` as AWS documents it (the service itself says InvalidRequest).
+* DeleteJob without ``force`` of a job that is not COMPLETED or CANCELED is
+  ``InvalidStateTransitionException`` as AWS documents it; the job is DELETION_IN_PROGRESS
+  (``describe_job``, ``list_jobs``) for a second before its id is free again.
 * Only what a jobs sandbox needs is supported: SNAPSHOT jobs with an inline ``document``, thing
   targets, ``timeoutConfig``; things with attributes but no types or billing groups (asking for
   one is ``ResourceNotFoundException``: the sandbox has none). Any other member is refused with
   ``InvalidRequestException`` naming it, never silently dropped.
-* The document is stored parsed, as the service keeps it, and handed back by
-  ``get_job_document`` as compact JSON (``document_text``): the whitespace of the string given
-  to ``create_job`` is not kept.
+* The document is stored as compact JSON (:class:`~agent.sandbox.document.Document`) and
+  handed back so by ``get_job_document``: the whitespace of the string given to ``create_job``
+  is not kept.
 * A target ARN must carry the sandbox's region and account: a script that builds ARNs for a real
   account must not look as if it worked. ``describe_thing`` hands out the right ``thingArn``.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from agent.jobs.shapes import document_text
+from agent.sandbox.document import Document
 from agent.sandbox.emulator import Emulator
 from agent.sandbox.http import HttpFront, Request, Route, page, parse_int, query_bool
+from agent.sandbox.http_policies import POLICY_ERRORS, policy_routes
+from agent.sandbox.policies import Policies
 from agent.sandbox.service import JobsService, Publish, Rejection
 
 __all__ = ["ACCOUNT_ID", "ERRORS", "REGION", "control_plane"]
@@ -61,7 +63,6 @@ _EXECUTION_STATUSES: Final = frozenset({"QUEUED", "IN_PROGRESS", "SUCCEEDED", "F
                                         "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"})
 _ATTRIBUTE_NAME: Final = re.compile(r"[a-zA-Z0-9_.,@/:#-]{1,128}")
 _ATTRIBUTE_VALUE: Final = re.compile(r"[a-zA-Z0-9_.,@/:#=\[\]-]{0,800}")
-_MAX_DOCUMENT: Final = 32768
 
 _BASE = frozenset({"InvalidRequestException", "ResourceNotFoundException",
                    "ThrottlingException", "ServiceUnavailableException"})
@@ -209,22 +210,13 @@ class _ControlPlane:
         job_id = request.path["jobId"]
         force = bool(query_bool(request, "force"))
 
-        def delete(s: JobsService) -> list[Publish]:
-            running = [e["thingName"] for e in s.executions_for_job(job_id)
-                       if e["status"] == "IN_PROGRESS"]
-            if running and not force:
-                raise Rejection("InvalidStateTransition",
-                                f"job {job_id} is IN_PROGRESS on {', '.join(running)}; "
-                                "delete it with force")
-            return s.delete_job(job_id, force=force)
-
-        self._emulator.call(delete)
+        self._emulator.call(lambda s: s.delete_job(job_id, force=force))
 
     def get_job_document(self, request: Request) -> dict[str, Any]:
         job_id = request.path["jobId"]
         query_bool(request, "beforeSubstitution")
         document = self._emulator.call(lambda s: s.get_job_document(job_id))
-        return {"document": document_text(document)}
+        return {"document": document.text}
 
     # ------------------------------------------------------------------ job executions
 
@@ -335,19 +327,11 @@ def _status_filter(request: Request) -> str | None:
     return status
 
 
-def _document(text: object) -> dict[str, Any]:
+def _document(text: object) -> Document:
     """CreateJob's ``document``: a JSON object as a string (documentSource is not supported)."""
     if text is None:
         raise _invalid("document is required: the sandbox does not fetch documentSource")
-    if not isinstance(text, str) or len(text) > _MAX_DOCUMENT:
-        raise _invalid(f"document must be a string of at most {_MAX_DOCUMENT} characters")
-    try:
-        document = json.loads(text)
-    except ValueError as exc:
-        raise _invalid(f"document is not JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise _invalid("document must be a JSON object")
-    return document
+    return Document.from_text(text)
 
 
 def _attributes(payload: object) -> dict[str, str]:
@@ -367,9 +351,11 @@ def _attributes(payload: object) -> dict[str, str]:
     return dict(attributes)
 
 
-def control_plane(emulator: Emulator, *, region: str = REGION,
-                  account_id: str = ACCOUNT_ID) -> HttpFront:
-    """The control plane's routes over ``emulator``'s service; start it with ``.start(port)``."""
+def control_plane(emulator: Emulator, *, region: str = REGION, account_id: str = ACCOUNT_ID,
+                  policies: Policies | None = None) -> HttpFront:
+    """The control plane's routes over ``emulator``'s service; start it with ``.start(port)``.
+
+    With ``policies``, also the policy and certificate operations (:mod:`.http_policies`)."""
     api = _ControlPlane(emulator, region, account_id)
     q = frozenset
     force = q({"force"})
@@ -404,4 +390,8 @@ def control_plane(emulator: Emulator, *, region: str = REGION,
         Route("GET", "/things", api.list_things, errors=_BASE, query=list_query | {
             "attributeName", "attributeValue", "usePrefixAttributeValue", "thingTypeName"}),
     ]
-    return HttpFront("iot", routes, ERRORS, internal=("InternalFailureException", 500))
+    if policies is not None:
+        routes += policy_routes(policies, lambda name: emulator.call(
+            lambda s: _thing_exists(s, name)))
+    return HttpFront("iot", routes, ERRORS | POLICY_ERRORS,
+                     internal=("InternalFailureException", 500))

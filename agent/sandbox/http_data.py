@@ -6,7 +6,8 @@ the same :class:`JobsService` methods the MQTT front calls, on the emulator's th
 fires the same ``notify``/``notify-next``, and obeys the same injected faults.
 
 What differs from MQTT is only what AWS makes differ: responses carry no ``timestamp`` and no
-``clientToken``, and ``jobDocument`` is a string (the compact JSON that
+``clientToken``, an execution carries its ``thingName`` (MQTT's does not: the topic names the
+thing), and ``jobDocument`` is a string (the compact JSON that
 :func:`agent.jobs.shapes.document_text` produces, so an HTTP answer and the agent's converted MQTT
 answer compare equal). ``approximateSecondsBeforeTimedOut``, which only the HTTP model has, is
 not sent: the service does not expose it and the MQTT replies, which HTTP must equal, lack it.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from agent.jobs.shapes import document_text
 from agent.sandbox import _validate as check
 from agent.sandbox.emulator import Emulator
 from agent.sandbox.http import HttpFront, Request, Route, query_bool, query_int
@@ -49,7 +49,7 @@ def _execution(response: dict[str, Any]) -> dict[str, Any]:
         return response
     execution = dict(response["execution"])
     if "jobDocument" in execution:
-        execution["jobDocument"] = document_text(execution["jobDocument"])
+        execution["jobDocument"] = execution["jobDocument"].text
     return {"execution": execution}
 
 
@@ -80,7 +80,7 @@ def data_plane(emulator: Emulator) -> HttpFront:
         kwargs = check.request_kwargs("update", request.body)
         response, _ = emulator.call(lambda s: s.update_execution(thing, job_id, **kwargs))
         if "jobDocument" in response:
-            response = {**response, "jobDocument": document_text(response["jobDocument"])}
+            response = {**response, "jobDocument": response["jobDocument"].text}
         return response
 
     # No per-operation error sets: every code reaches boto3 under the name the service model

@@ -22,8 +22,10 @@ Concurrent creators (two test workers, a test run next to a user's sandbox) are 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -34,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Identity", "Pki", "create_pki"]
+__all__ = ["Identity", "Pki", "certificate_id", "create_pki"]
 
 VALIDITY_DAYS = 3650
 """About ten years: sandbox certificates must never expire under a long-lived checkout."""
@@ -99,6 +101,11 @@ class Identity:
     cert: Path
     key: Path
 
+    @property
+    def certificate_id(self) -> str:
+        """AWS IoT's certificateId: the SHA-256 of the DER certificate, in lowercase hex."""
+        return certificate_id(self.cert.read_text())
+
 
 @dataclass(frozen=True)
 class Pki:
@@ -157,6 +164,12 @@ class Pki:
             _make_dir(foreign)
             ca_cert, _ = _ca(foreign, cn=_FOREIGN_CA_CN)
         return ca_cert
+
+
+def certificate_id(pem: str) -> str:
+    """The SHA-256 of the first certificate in ``pem``'s DER bytes, as AWS IoT names it."""
+    body = pem.split("-----BEGIN CERTIFICATE-----", 1)[1].split("-----END CERTIFICATE-----")[0]
+    return hashlib.sha256(base64.b64decode("".join(body.split()))).hexdigest()
 
 
 def create_pki(directory: Path) -> Pki:

@@ -5,11 +5,13 @@ Split from :mod:`agent.sandbox.service` so the state machine reads as rules over
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-__all__ = ["MAX_PENDING_LISTED", "PENDING", "Execution", "Fault", "Job", "Publish"]
+from agent.sandbox.document import Document
+
+__all__ = ["MAX_PENDING_LISTED", "PENDING", "Execution", "Fault", "Job", "Publish",
+           "mqtt_execution"]
 
 PENDING: Final = frozenset({"QUEUED", "IN_PROGRESS"})
 """Statuses that keep an execution in a device's pending list; every other status is terminal."""
@@ -29,7 +31,7 @@ class Publish:
 class Job:
     job_id: str
     targets: list[str]
-    document: dict[str, Any]
+    document: Document
     created_at: int
     last_updated_at: int
     timeout_minutes: int | None = None
@@ -39,6 +41,8 @@ class Job:
     comment: str | None = None
     reason_code: str | None = None
     force_canceled: bool | None = None
+    deleted_at: float | None = None
+    """When a DELETION_IN_PROGRESS job is gone for good (and its id free again)."""
 
 
 @dataclass
@@ -68,13 +72,23 @@ class Execution:
         return out
 
     def record(self, include_document: bool = True) -> dict[str, Any]:
-        """JobExecution as sent over MQTT (no ``approximateSecondsBeforeTimedOut``)."""
+        """The whole execution, for the control plane and the Python API: ``thingName`` and
+        ``statusDetails`` (``{}`` when none) always there."""
         out = self.summary()
         out.update(
             thingName=self.thing_name, status=self.status, statusDetails=dict(self.status_details)
         )
         if include_document:
-            out["jobDocument"] = copy.deepcopy(self.job.document)
+            out["jobDocument"] = self.job.document
+        return out
+
+    def device(self, include_document: bool = True) -> dict[str, Any]:
+        """JobExecution as the device APIs answer it (no ``approximateSecondsBeforeTimedOut``):
+        no ``statusDetails`` when there are none, as AWS's captures show. Over MQTT
+        :func:`mqtt_execution` also drops ``thingName``; the HTTP data plane keeps it."""
+        out = self.record(include_document)
+        if not self.status_details:
+            del out["statusDetails"]
         return out
 
     def state(self) -> dict[str, Any]:
@@ -110,6 +124,12 @@ class Execution:
         self.status = status
         self.version_number += 1
         self.last_updated_at = now
+
+
+def mqtt_execution(execution: dict[str, Any]) -> dict[str, Any]:
+    """An execution as MQTT carries it: without ``thingName`` (the topic names the thing), as
+    the captures in AWS's SDK walkthroughs show for start-next, describe and notify-next."""
+    return {key: value for key, value in execution.items() if key != "thingName"}
 
 
 @dataclass

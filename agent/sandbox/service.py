@@ -7,8 +7,8 @@ all see exactly the same behaviour:
 * a **device plane** (``get_pending``, ``start_next``, ``describe_execution``,
   ``update_execution``) returning response dicts without ``timestamp``/``clientToken``, which
   each front adds in its own way (HTTP responses carry neither);
-* an **MQTT adaptor**, :meth:`JobsService.handle`, mapping one publish on
-  ``$aws/things/<thing>/jobs/…`` to the publishes to send back.
+* an **MQTT adaptor**, :meth:`JobsService.handle` (in :mod:`agent.sandbox.mqtt_adaptor`),
+  mapping one publish on ``$aws/things/<thing>/jobs/…`` to the publishes to send back.
 
 Nothing here touches a socket, a thread or the wall clock: time comes from an injected ``clock``
 and timers only fire in :meth:`JobsService.tick`, which the front calls at
@@ -28,10 +28,15 @@ Decisions where AWS is silent or ambiguous (each documented at its method):
 * ``TerminalStateReached`` is never produced by the state machine, only by fault injection.
 * Over MQTT, unknown request fields and explicit ``null`` values are ``InvalidRequest``
   (``_validate.request_kwargs``): the SDK never sends them, so they reveal a client bug.
-* Executions remain after they end (as in AWS) until deleted. A job re-created under a deleted
-  job's id starts again at ``executionNumber`` 1: AWS says that "once a job execution is
-  deleted, the executionNumber may be reused", so a device must tell the two apart by
-  ``queuedAt`` (and ``versionNumber``), and the sandbox makes it.
+* Executions remain after they end (as in AWS) until deleted. A job's executions are number 1
+  (the sandbox has no retries), also for a job re-created under a deleted job's id: AWS says a
+  deleted execution's number "may be reused", so a device must not take (jobId, executionNumber)
+  for an identity.
+* Deleting a job takes :data:`DELETION_SECONDS`: its executions go at once (devices get their
+  notifications), the job stays ``DELETION_IN_PROGRESS`` until :meth:`JobsService.tick`, and
+  only then may its id be used again.
+* Over MQTT an execution carries no ``thingName`` and no empty ``statusDetails``
+  (:func:`~agent.sandbox.records.mqtt_execution`); the HTTP data plane keeps ``thingName``.
 """
 
 from __future__ import annotations
@@ -43,10 +48,23 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeVar, cast
 
 from agent.sandbox import _validate as check
+from agent.sandbox import mqtt_adaptor
 from agent.sandbox._validate import OPERATIONS, Rejection
-from agent.sandbox.records import MAX_PENDING_LISTED, PENDING, Execution, Fault, Job, Publish
+from agent.sandbox.document import Document
+from agent.sandbox.records import (
+    MAX_PENDING_LISTED,
+    PENDING,
+    Execution,
+    Fault,
+    Job,
+    Publish,
+    mqtt_execution,
+)
 
-__all__ = ["JobsService", "Publish", "Rejection"]
+__all__ = ["DELETION_SECONDS", "JobsService", "Publish", "Rejection"]
+
+DELETION_SECONDS: Final = 3.0
+"""How long a deleted job stays DELETION_IN_PROGRESS, in seconds (AWS: seconds to minutes)."""
 
 _NOT_INJECTABLE: Final = frozenset({"VersionMismatch", "InvalidStateTransition"})
 """Injected faults carry no executionState, so codes that promise one cannot be injected."""
@@ -77,7 +95,7 @@ def _device_request(operation: str) -> Callable[[_Method], _Method]:
     def decorate(method: _Method) -> _Method:
         @functools.wraps(method)
         def request(self: JobsService, thing_name: str, *args: Any, **kwargs: Any) -> Any:
-            return self._device(
+            return self.serve(
                 thing_name, operation, lambda: method(self, thing_name, *args, **kwargs)
             )
 
@@ -94,15 +112,16 @@ class JobsService:
             them with ``datetime.fromtimestamp`` and milliseconds would overflow it.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, *,
+                 deletion_seconds: float = DELETION_SECONDS) -> None:
         self._clock = clock
+        self._deletion_seconds = deletion_seconds
         self._things: dict[str, dict[str, Execution]] = {}  # thing -> job id -> execution
         self._jobs: dict[str, Job] = {}
-        self._execution_numbers: dict[tuple[str, str], int] = {}  # dropped with the job
         self._seq = 0
         self._faults: list[Fault] = []
         self._history: list[tuple[str, str, dict[str, Any]]] = []
-        self._serving = False  # inside a device request (see _device)
+        self._serving = False  # inside a device request (see serve)
 
     # ---------------------------------------------------------------- control plane
 
@@ -118,7 +137,7 @@ class JobsService:
         self,
         job_id: str,
         targets: list[str],
-        document: dict[str, Any],
+        document: dict[str, Any] | Document,
         *,
         in_progress_timeout_minutes: int | None = None,
         description: str | None = None,
@@ -128,28 +147,29 @@ class JobsService:
         Raises:
             Rejection: ``InvalidRequest`` for a malformed argument, ``ResourceNotFound`` for an
                 unknown target, ``ResourceAlreadyExists`` (boto3's CreateJob error) for a job id
-                in use.
+                in use, also by a job still being deleted.
         """
         check.job_id(job_id)
         if not isinstance(targets, list) or not targets:
             raise Rejection("InvalidRequest", "targets must be a non-empty list of thing names")
         things = list(dict.fromkeys(check.thing_name(t) for t in targets))
-        document = check.job_document(document)
+        document = Document.from_value(document)
         timeout = check.timeout_minutes(in_progress_timeout_minutes)
         description = check.text(description, "description", 2028)
         for thing in things:
             self._thing(thing)
         if job_id in self._jobs:
-            raise Rejection("ResourceAlreadyExists", f"job {job_id} already exists")
+            deleting = self._jobs[job_id].status == "DELETION_IN_PROGRESS"
+            raise Rejection("ResourceAlreadyExists", f"job {job_id} already exists" + (
+                " (DELETION_IN_PROGRESS: its id is free once the deletion completes)"
+                if deleting else ""))
         now = self._now()
         job = Job(job_id, things, document, now, now, timeout, description)
         before = self._snapshot(things)
         self._jobs[job_id] = job
         for thing in things:
-            number = self._execution_numbers.get((job_id, thing), 0) + 1
-            self._execution_numbers[job_id, thing] = number
             self._seq += 1
-            self._things[thing][job_id] = Execution(job, thing, number, self._seq, now, now)
+            self._things[thing][job_id] = Execution(job, thing, 1, self._seq, now, now)
         return self._notifications(before)
 
     def cancel_job(
@@ -167,8 +187,8 @@ class JobsService:
         check.boolean(force, "force")
         comment = check.comment(comment)
         reason_code = check.reason_code(reason_code)
-        if job.status == "COMPLETED":
-            raise Rejection("InvalidStateTransition", f"job {job_id} is already COMPLETED")
+        if job.status in ("COMPLETED", "DELETION_IN_PROGRESS"):
+            raise Rejection("InvalidStateTransition", f"job {job_id} is {job.status}")
         now = self._now()
         before = self._snapshot(job.targets)
         for execution in self._executions_of(job):
@@ -181,23 +201,23 @@ class JobsService:
         return self._notifications(before)
 
     def delete_job(self, job_id: str, *, force: bool = False) -> list[Publish]:
-        """Delete a job and all its executions at once (never DELETION_IN_PROGRESS).
-
-        Deleting a job that a device is running pulls the ground from under it, so an
-        IN_PROGRESS execution needs ``force`` (else ``InvalidRequest``); QUEUED ones do not.
+        """Delete a job, as DeleteJob does: without ``force`` only a COMPLETED or CANCELED one
+        (``InvalidStateTransition``, the model's error, for any other, and for a job already
+        being deleted). Its executions go at once; the job itself stays DELETION_IN_PROGRESS
+        for :data:`DELETION_SECONDS`, then :meth:`tick` removes it and frees its id.
         """
         job = self._job(job_id)
         check.boolean(force, "force")
-        running = [e.thing_name for e in self._executions_of(job) if e.status == "IN_PROGRESS"]
-        if running and not force:
-            raise Rejection(
-                "InvalidRequest", f"job {job_id} is IN_PROGRESS on {', '.join(running)}; use force"
-            )
+        if job.status == "DELETION_IN_PROGRESS":
+            raise Rejection("InvalidStateTransition", f"job {job_id} is already being deleted")
+        if job.status not in ("COMPLETED", "CANCELED") and not force:
+            raise Rejection("InvalidStateTransition", f"job {job_id} is {job.status}; only a "
+                            "COMPLETED or CANCELED job can be deleted without force")
         before = self._snapshot(job.targets)
         for thing in job.targets:
             self._things[thing].pop(job_id, None)
-            self._execution_numbers.pop((job_id, thing), None)  # numbers may be reused
-        del self._jobs[job_id]
+        job.status, job.last_updated_at = "DELETION_IN_PROGRESS", self._now()
+        job.deleted_at = self._clock() + self._deletion_seconds
         return self._notifications(before)
 
     def cancel_job_execution(
@@ -264,11 +284,7 @@ class JobsService:
         for execution in self._executions_of(job):
             counts[_COUNTERS[execution.status]] += 1
         out = self._job_summary(job)
-        out.update(
-            targets=list(job.targets),
-            document=copy.deepcopy(job.document),
-            jobProcessDetails=counts,
-        )
+        out.update(targets=list(job.targets), document=job.document, jobProcessDetails=counts)
         optional = {
             "timeoutConfig": None
             if job.timeout_minutes is None
@@ -281,9 +297,9 @@ class JobsService:
         out.update((key, value) for key, value in optional.items() if value is not None)
         return out
 
-    def get_job_document(self, job_id: str) -> dict[str, Any]:
-        """The job document itself (a copy), not boto3's ``{"document": <string>}`` wrapper."""
-        return copy.deepcopy(self._job(job_id).document)
+    def get_job_document(self, job_id: str) -> Document:
+        """The job document itself, not boto3's ``{"document": <string>}`` wrapper."""
+        return self._job(job_id).document
 
     def list_jobs(self) -> list[dict[str, Any]]:
         """ListJobs' summaries, in creation order."""
@@ -329,7 +345,7 @@ class JobsService:
         is (statusDetails and version kept), but a given step timeout still (re)starts its timer.
         """
         details = check.status_details(status_details)
-        step = check.step_timeout(step_timeout_minutes)
+        step = check.step_timeout(step_timeout_minutes, cancel=False)
         pending = self._pending(self._thing(thing_name))
         if not pending:
             return {}, []
@@ -340,7 +356,7 @@ class JobsService:
                 head.status_details = details
             head.transition("IN_PROGRESS", now)
         head.set_step_timer(step, now)
-        return {"execution": head.record()}, self._notifications(before)
+        return {"execution": head.device()}, self._notifications(before)
 
     @_device_request("describe")
     def describe_execution(
@@ -365,9 +381,9 @@ class JobsService:
         executions = self._thing(thing_name)
         if job_id == "$next":
             pending = self._pending(executions)
-            return {"execution": pending[0].record(include_document)} if pending else {}
+            return {"execution": pending[0].device(include_document)} if pending else {}
         execution = self._execution(job_id, thing_name, number)
-        return {"execution": execution.record(include_document)}
+        return {"execution": execution.device(include_document)}
 
     @_device_request("update")
     def update_execution(
@@ -389,7 +405,7 @@ class JobsService:
         ``InvalidStateTransition``); the last two carry ``executionState``."""
         new_status = check.device_status(status)
         details = check.status_details(status_details)
-        expected = check.integer(expected_version, "expectedVersion")
+        expected = check.lenient_integer(expected_version, "expectedVersion")
         number = check.integer(execution_number, "executionNumber")
         want_state = check.boolean(include_job_execution_state, "includeJobExecutionState")
         want_document = check.boolean(include_job_document, "includeJobDocument")
@@ -418,45 +434,24 @@ class JobsService:
         if want_state:
             response["executionState"] = execution.state()
         if want_document:
-            response["jobDocument"] = copy.deepcopy(execution.job.document)
+            response["jobDocument"] = execution.job.document
         return response, self._notifications(before)
 
     # ---------------------------------------------------------------- MQTT adaptor
 
     def handle(self, topic: str, payload: bytes) -> list[Publish]:
-        """Answer one device publish: the reply on ``<topic>/accepted|rejected`` first, then any
-        notify and notify-next it caused. Topics the service publishes itself and topics outside
-        ``$aws/things/+/jobs/`` get no answer (``[]``)."""
-        target = check.route(topic)
-        if target is None:
-            return []
-        thing, operation = target.thing_name, target.operation
-        refused: Rejection | None = None
-        try:
-            request = check.parse_request(payload)
-        except Rejection as rejection:
-            request, refused = {}, rejection
-        # Echoed verbatim even when it is not a string (then the request is InvalidRequest).
-        echo = {"clientToken": request["clientToken"]} if "clientToken" in request else {}
-        if operation is None:  # InvalidTopic wins over InvalidJson: the topic is read first
-            refused = Rejection("InvalidTopic", f"topic {topic} maps to no Jobs API")
-        if refused is not None:
-            self._history.append((thing, operation or "unknown", refused.to_payload()))
-            return [self._reply(topic, refused.to_payload() | echo, accepted=False)]
-        assert operation is not None  # answered with InvalidTopic above
-        try:
-            response, publishes = self._device(
-                thing, operation, lambda: self._dispatch(operation, target, request)
-            )
-        except Rejection as rejection:
-            return [self._reply(topic, rejection.to_payload() | echo, accepted=False)]
-        return [self._reply(topic, response | echo, accepted=True), *publishes]
+        """Answer one device publish (:func:`agent.sandbox.mqtt_adaptor.handle`)."""
+        return mqtt_adaptor.handle(self, topic, payload)
 
     # ---------------------------------------------------------------- timers and faults
 
     def tick(self) -> list[Publish]:
-        """Time out every IN_PROGRESS execution whose step timer or job timeout has expired."""
+        """Time out every IN_PROGRESS execution whose step timer or job timeout has expired,
+        and finish the deletions that are due."""
         moment = self._clock()
+        for job in [j for j in self._jobs.values() if j.deleted_at is not None]:
+            if job.deleted_at is not None and job.deleted_at <= moment:
+                del self._jobs[job.job_id]
         expired = [
             e
             for executions in self._things.values()
@@ -471,13 +466,14 @@ class JobsService:
         return self._notifications(before)
 
     def next_deadline(self) -> float | None:
-        """The earliest epoch second at which :meth:`tick` would time something out."""
+        """The earliest epoch second at which :meth:`tick` would change something."""
         deadlines = [
             deadline
             for executions in self._things.values()
             for e in executions.values()
             if (deadline := e.deadline()) is not None
         ]
+        deadlines += [j.deleted_at for j in self._jobs.values() if j.deleted_at is not None]
         return float(min(deadlines)) if deadlines else None
 
     def inject_rejections(self, code: str, count: int, operations: set[str] | None = None) -> None:
@@ -509,16 +505,24 @@ class JobsService:
         first, without timestamp/clientToken; an unroutable topic is operation ``unknown``."""
         return list(self._history)
 
+    def refused(self, thing: str, operation: str, payload: dict[str, Any]) -> None:
+        """Record a request refused before reaching an operation (unroutable, not JSON)."""
+        self._history.append((thing, operation, payload))
+
+    def timestamp(self) -> int:
+        """Now, as every payload's ``timestamp``: integer epoch seconds."""
+        return int(self._clock())
+
     # ---------------------------------------------------------------- internals
 
     def _now(self) -> int:
         return int(self._clock())
 
-    def _device(self, thing: str, operation: str, run: Callable[[], _T]) -> _T:
+    def serve(self, thing: str, operation: str, run: Callable[[], _T]) -> _T:
         """Serve one device request: an injected fault first, then ``run``; record the outcome.
 
-        Only the outermost call is the request: ``handle`` runs a public device method inside
-        its own request, so that a fault hits before the payload is even checked.
+        Only the outermost call is the request: the MQTT adaptor runs a public device method
+        inside its own request, so that a fault hits before the payload is even checked.
         """
         if self._serving:
             return run()
@@ -539,20 +543,6 @@ class JobsService:
         response = result[0] if isinstance(result, tuple) else result
         self._history.append((thing, operation, copy.deepcopy(cast(dict[str, Any], response))))
         return result
-
-    def _dispatch(
-        self, operation: str, target: check.Route, request: dict[str, Any]
-    ) -> tuple[dict[str, Any], list[Publish]]:
-        """Call the device method a routed MQTT request names, with its payload as arguments."""
-        thing, job_id = target.thing_name, target.job_id or ""
-        kwargs = check.request_kwargs(operation, request)
-        if operation == "get":
-            return self.get_pending(thing), []
-        if operation == "start-next":
-            return self.start_next(thing, **kwargs)
-        if operation == "describe":
-            return self.describe_execution(thing, job_id, **kwargs), []
-        return self.update_execution(thing, job_id, **kwargs)
 
     def _thing(self, thing_name: str) -> dict[str, Execution]:
         """The executions of an existing thing, by job id (``ResourceNotFound`` if unknown)."""
@@ -649,10 +639,6 @@ class JobsService:
             if (old[0] if old else None) is not (new[0] if new else None):
                 payload: dict[str, Any] = {"timestamp": now}
                 if new:
-                    payload["execution"] = new[0].record()
+                    payload["execution"] = mqtt_execution(new[0].device())
                 out.append(Publish(prefix + "notify-next", payload))
         return out
-
-    def _reply(self, topic: str, body: dict[str, Any], *, accepted: bool) -> Publish:
-        suffix = "/accepted" if accepted else "/rejected"
-        return Publish(topic + suffix, {**body, "timestamp": self._now()})

@@ -1,9 +1,9 @@
 """The sandbox PKI and broker, against a real Mosquitto and real awscrt MQTT5 clients.
 
 These tests pin down what the rest of the sandbox relies on: mTLS with the sandbox CA, the
-certificate CN as identity, the per-thing ACL (and how Mosquitto reports a refusal), what awscrt
-reports for each kind of certificate failure, and that a restarted broker keeps its port so
-clients reconnect by themselves.
+certificate CN as identity, per-identity ACLs granted at run time (and how Mosquitto reports a
+refusal), what awscrt reports for each kind of certificate failure, and that a restarted broker
+keeps its port and its ACLs so clients reconnect by themselves.
 
 CRT callbacks run on CRT event-loop threads, so the client wrapper's callbacks only put into
 queues; the test thread does all the waiting.
@@ -11,6 +11,7 @@ queues; the test thread does all the waiting.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -28,6 +29,7 @@ from awsiot import mqtt5_client_builder
 
 from agent.sandbox import broker as broker_module
 from agent.sandbox.broker import Broker, start_broker
+from agent.sandbox.dynsec import Acl
 from agent.sandbox.pki import Identity, Pki, create_pki
 
 pytestmark = pytest.mark.broker
@@ -148,9 +150,9 @@ class Client:
             self.started = False
 
 
-@pytest.fixture
-def connect(broker: Broker) -> Iterator[Callable[..., Client]]:
-    """``connect(identity, ca=, wait=)``: a started (and connected) client, stopped at teardown."""
+@contextlib.contextmanager
+def clients(broker: Broker) -> Iterator[Callable[..., Client]]:
+    """``connect(identity, ca=, wait=)``: a started (and connected) client, stopped on exit."""
     made: list[Client] = []
 
     def factory(identity: Identity, *, ca: Path | None = None, wait: bool = True) -> Client:
@@ -161,13 +163,27 @@ def connect(broker: Broker) -> Iterator[Callable[..., Client]]:
             client.wait_connected()
         return client
 
-    yield factory
-    for client in made:
-        client.close()
+    try:
+        yield factory
+    finally:
+        for client in made:
+            client.close()
+
+
+@pytest.fixture
+def connect(broker: Broker) -> Iterator[Callable[..., Client]]:
+    with clients(broker) as factory:
+        yield factory
 
 
 def _jobs_topic(thing: str, suffix: str) -> str:
     return f"$aws/things/{thing}/jobs/{suffix}"
+
+
+def _grant_own_jobs(broker: Broker, thing: str) -> None:
+    """Read, write and subscribe on the thing's own ``jobs/#`` (what the old acl_file gave)."""
+    broker.grant(thing, allow=[Acl(kind, _jobs_topic(thing, "#")) for kind in (
+        "publishClientSend", "publishClientReceive", "subscribePattern")])
 
 
 def _payload(packet: mqtt5.PublishPacket) -> bytes:
@@ -256,8 +272,9 @@ def _x509_text(cert: Path) -> str:
 
 
 def test_thing_round_trips_a_publish_on_its_own_topic(
-    pki: Pki, connect: Callable[..., Client]
+    pki: Pki, broker: Broker, connect: Callable[..., Client]
 ) -> None:
+    _grant_own_jobs(broker, "thing-own")
     thing = connect(pki.client("thing-own"))
     topic = _jobs_topic("thing-own", "x")
 
@@ -270,8 +287,9 @@ def test_thing_round_trips_a_publish_on_its_own_topic(
 
 
 def test_emulator_wildcard_sees_every_thing_and_may_publish_to_any(
-    pki: Pki, connect: Callable[..., Client]
+    pki: Pki, broker: Broker, connect: Callable[..., Client]
 ) -> None:
+    _grant_own_jobs(broker, "thing-emu")
     emulator = connect(pki.client("jobs-emulator"))
     thing = connect(pki.client("thing-emu"))
     emulator.subscribe("$aws/things/+/jobs/#")
@@ -287,14 +305,16 @@ def test_emulator_wildcard_sees_every_thing_and_may_publish_to_any(
 
 
 def test_thing_can_neither_read_nor_write_another_things_topics(
-    pki: Pki, connect: Callable[..., Client]
+    pki: Pki, broker: Broker, connect: Callable[..., Client]
 ) -> None:
+    _grant_own_jobs(broker, "thing-a")
+    _grant_own_jobs(broker, "thing-b")
     a = connect(pki.client("thing-a"))
     b = connect(pki.client("thing-b"))
 
-    # Mosquitto 2.0.11 grants the forbidden subscription; the ACL filters each delivery instead.
+    # The dynamic-security plugin refuses the subscription itself, as AWS IoT does (0x87).
     suback = a.subscribe(_jobs_topic("thing-b", "#"))
-    assert suback.reason_codes == [mqtt5.SubackReasonCode.GRANTED_QOS_1]
+    assert suback.reason_codes == [mqtt5.SubackReasonCode.NOT_AUTHORIZED]
     b.publish(_jobs_topic("thing-b", "update"), b"secret")
     a.assert_silent()
 
@@ -305,6 +325,46 @@ def test_thing_can_neither_read_nor_write_another_things_topics(
     b.publish(_jobs_topic("thing-b", "probe"), b"still-up")  # a's refusal did not leak through
     assert _payload(b.receive()) == b"still-up"
     b.assert_silent()
+
+
+def test_an_identity_never_granted_may_do_nothing(
+    pki: Pki, connect: Callable[..., Client]
+) -> None:
+    stranger = connect(pki.client("thing-stranger"))  # a valid certificate, no ACLs
+
+    suback = stranger.subscribe(_jobs_topic("thing-stranger", "#"))
+    refused = stranger.publish(_jobs_topic("thing-stranger", "get"), b"{}")
+
+    assert suback.reason_codes == [mqtt5.SubackReasonCode.NOT_AUTHORIZED]
+    assert refused.puback.reason_code == mqtt5.PubackReasonCode.NOT_AUTHORIZED
+
+
+def test_a_new_grant_disconnects_the_client_and_applies_on_reconnect(
+    pki: Pki, broker: Broker, connect: Callable[..., Client]
+) -> None:
+    """Mosquitto 2.0.11's way of enforcing a changed ACL: DISCONNECT 0x98, then the new one."""
+    _grant_own_jobs(broker, "thing-regrant")
+    thing = connect(pki.client("thing-regrant"))
+    topic = _jobs_topic("thing-regrant", "get")
+    accepted = (mqtt5.PubackReasonCode.SUCCESS, mqtt5.PubackReasonCode.NO_MATCHING_SUBSCRIBERS)
+    assert thing.publish(topic, b"{}").puback.reason_code in accepted
+
+    broker.grant("thing-regrant", allow=[Acl("publishClientSend", _jobs_topic(
+        "thing-regrant", "start-next"))], deny=[Acl("publishClientSend", topic)])
+
+    kind, _ = thing.next_event(OP_TIMEOUT)
+    assert kind == "disconnection"
+    thing.wait_connected()
+    assert thing.publish(topic, b"{}").puback.reason_code == \
+        mqtt5.PubackReasonCode.NOT_AUTHORIZED
+    allowed = thing.publish(_jobs_topic("thing-regrant", "start-next"), b"{}")
+    assert allowed.puback.reason_code in accepted
+
+
+def test_service_identities_acls_are_fixed(broker: Broker) -> None:
+    for name in ("jobs-emulator", "sandbox-dynsec-admin"):
+        with pytest.raises(ValueError, match="service identity"):
+            broker.grant(name, allow=[])
 
 
 # --- certificate failures (the names map to CertificateValidationException) ---------------------
@@ -342,6 +402,7 @@ def test_client_refuses_a_broker_outside_its_trust_store(
 def test_restart_keeps_the_port_and_clients_reconnect(pki: Pki, tmp_path: Path) -> None:
     with _start_or_skip(tmp_path / "broker", pki) as broker:
         port = broker.port
+        _grant_own_jobs(broker, "thing-restart")
         thing = Client(broker, pki.client("thing-restart"))
         fresh: Client | None = None
         try:
@@ -355,7 +416,8 @@ def test_restart_keeps_the_port_and_clients_reconnect(pki: Pki, tmp_path: Path) 
             assert kind == "disconnection", exc
             thing.wait_connected()  # by itself, on the same port
             topic = _jobs_topic("thing-restart", "x")
-            thing.subscribe(topic)  # MQTT5 clean session: subscriptions are gone
+            suback = thing.subscribe(topic)  # MQTT5 clean session: subscriptions are gone
+            assert suback.reason_codes == [mqtt5.SubackReasonCode.GRANTED_QOS_1]  # ACLs kept
             thing.publish(topic, b"after")
             assert _payload(thing.receive()) == b"after"
             fresh = Client(broker, pki.client("thing-restart-2"))
@@ -382,7 +444,7 @@ def test_stop_is_idempotent_and_start_resumes(pki: Pki, tmp_path: Path) -> None:
         socket.create_connection((broker.host, broker.port), timeout=1).close()
         assert "mosquitto version 2" in broker.log_path.read_text()
     finally:
-        broker.stop()
+        broker.close()
 
 
 def test_busy_port_is_reported(pki: Pki, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from agent.sandbox.service import DELETION_SECONDS, Rejection
 from tests.conftest import Thing
 from tests.integration.agent_harness import AgentProcess, live_group_members, write_handler
 from tests.integration.test_faults import gated, statuses_sent, wait_for
@@ -36,6 +37,21 @@ def counting(tmp_path: Path) -> tuple[dict[str, Any], Path]:
     runs = tmp_path / "runs"
     path = write_handler(tmp_path / "handlers", "ok.sh", f"echo $JOB_ID >> {runs}\n")
     return {"ok": {"command": [str(path)]}}, runs
+
+
+def recreate(thing: Thing, job: str, document: dict[str, Any]) -> None:
+    """Create ``job`` again once its deletion has completed: the id stays taken while the job
+    is DELETION_IN_PROGRESS (the sandbox's ``DELETION_SECONDS``, as in AWS)."""
+    def created() -> bool:
+        try:
+            thing.emulator.create_job(job, [thing.name], document)
+        except Rejection as rejection:
+            if rejection.code != "ResourceAlreadyExists":
+                raise
+            return False
+        return True
+
+    wait_for(created, timeout=DELETION_SECONDS + 10, what=f"{job}'s deletion to complete")
 
 
 def handler_running(thing: Thing, agent: AgentProcess, job: str, pidfile: Path) -> int:
@@ -65,7 +81,7 @@ def test_job_deleted_and_recreated_with_the_same_id_runs_again(thing: Thing,
         thing.emulator.create_job(job, [thing.name], {"operation": "ok"})
         first = agent.wait_status(job)
         thing.emulator.delete_job(job)
-        thing.emulator.create_job(job, [thing.name], {"operation": "ok"})
+        recreate(thing, job, {"operation": "ok"})
         assert thing.emulator.execution(job, thing.name)["executionNumber"] == 1  # reused
         second = agent.wait_status(job)
         agent.wait_log("job id reused: kept the earlier execution as history", 10)
@@ -87,9 +103,9 @@ def test_job_deleted_while_running_and_recreated_stops_the_old_run(thing: Thing,
     with AgentProcess(thing.stack, thing.name, tmp_path / "agent", h) as agent:
         first_pid = handler_running(thing, agent, job, pidfile)
         pidfile.unlink()
-        # Deleted (force: it runs) and re-created at once, as one change of the cloud.
-        thing.emulator.call(lambda s: s.delete_job(job, force=True)
-                            + s.create_job(job, [thing.name], {"operation": "work"}))
+        # Deleted (force: it runs), then created again as soon as the id is free.
+        thing.emulator.delete_job(job, force=True)
+        recreate(thing, job, {"operation": "work"})
         wait_for(pidfile.exists, what="the new execution's handler start")
         assert live_group_members(first_pid) == []  # the deleted execution's run was stopped
         gate.touch()
@@ -111,7 +127,7 @@ def test_job_recreated_while_the_agent_was_down_is_not_reported_for_the_old_one(
         first_pid = handler_running(thing, agent, job, pidfile)
         agent.kill()
         thing.emulator.delete_job(job, force=True)
-        thing.emulator.create_job(job, [thing.name], {"operation": "work"})
+        recreate(thing, job, {"operation": "work"})
         sent_before = len(agent.updates())
         gate.touch()
         agent.start()

@@ -34,6 +34,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from agent.sandbox.document import dumps
 from agent.sandbox.stack import Stack
 from tests.conftest import Thing
 from tests.integration.agent_harness import TERMINAL, AgentProcess, write_handler
@@ -146,7 +147,7 @@ def real_wire_payloads(stack: Stack, thing: str, jobs: tuple[str, str]) -> Sampl
             suffix = pub.topic.removeprefix(prefix)
             for job in jobs:
                 suffix = suffix.replace(f"{job}/", "{job}/")
-            samples.setdefault(suffix, []).append(copy.deepcopy(pub.payload))
+            samples.setdefault(suffix, []).append(json.loads(dumps(pub.payload)))  # as sent
 
     def device(topic: str, body: dict[str, Any]) -> None:
         raw = json.dumps({"clientToken": str(uuid.uuid4()), **body}).encode()

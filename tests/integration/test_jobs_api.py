@@ -23,7 +23,7 @@ from agent.errors import (
     TerminalStateException,
     ThrottlingException,
 )
-from tests.conftest import Thing, boto3_shape_errors, open_client, run
+from tests.conftest import Thing, boto3_shape_errors, broad_jobs_policy, open_client, run
 
 pytestmark = pytest.mark.broker
 
@@ -91,7 +91,7 @@ def test_start_next_claims_head_and_returns_document(thing: Thing) -> None:
     assert execution["jobId"] == thing.j("first")
     assert execution["status"] == "IN_PROGRESS"
     assert execution["statusDetails"] == {"step": "claimed"}
-    assert execution["thingName"] == thing.name
+    assert "thingName" not in execution  # MQTT carries none (AWS's captures); HTTP does
     assert execution["versionNumber"] == 2  # queued = 1, claim = 2
     # boto3 hands the document out as a JSON string; the MQTT object is converted, not dropped.
     assert isinstance(execution["jobDocument"], str)
@@ -261,7 +261,7 @@ def test_unknown_job_is_resource_not_found(thing: Thing) -> None:
 
 def test_deleted_execution_is_resource_not_found(thing: Thing) -> None:
     thing.emulator.create_job(thing.j("gone"), [thing.name], DOC)
-    thing.emulator.delete_job(thing.j("gone"))
+    thing.emulator.delete_job(thing.j("gone"), force=True)  # still IN_PROGRESS: needs force
 
     async def body() -> None:
         async with open_client(thing.config) as jobs:
@@ -309,7 +309,11 @@ def test_rejection_codes_map_to_boto3_exceptions(
 
 
 def test_service_side_invalid_request_and_invalid_topic(thing: Thing) -> None:
-    """The emulator's own validation, reached by skipping the client's (``_request``)."""
+    """The emulator's own validation, reached by skipping the client's (``_request``).
+
+    ``no-such-api`` is no request topic: only a policy granting all of ``jobs/*`` lets the
+    device publish there and read the InvalidTopic answer (the default policy refuses it)."""
+    thing.stack.set_policy(thing.name, broad_jobs_policy())
     thing.emulator.create_job(thing.j("iv"), [thing.name], DOC)
     prefix = f"$aws/things/{thing.name}/jobs"
 

@@ -10,6 +10,7 @@ paths through the real broker, client and agent process.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from agent.errors import (
 )
 from agent.jobs import shapes
 from agent.journal import Journal, OutboxEntry
+from agent.sandbox.document import dumps
 from agent.sandbox.service import JobsService, Rejection
 
 THING = "dev"
@@ -64,7 +66,9 @@ class ServiceJobs:
         except Rejection as rejection:
             raise error_from_rejection(rejection.code, rejection.message,
                                        execution_state=rejection.execution_state) from None
-        return result[0] if isinstance(result, tuple) else result
+        payload = result[0] if isinstance(result, tuple) else result
+        # As the MQTT front sends it: the service keeps documents as Document text.
+        return json.loads(dumps(payload))
 
     async def get_pending_job_executions(self, *, thingName: str) -> dict[str, Any]:
         payload = self._serve("get", {}, lambda: self.service.get_pending(thingName))
@@ -113,7 +117,8 @@ class GatedJournal(Journal):
 class World:
     def __init__(self, tmp: Path, **settings: Any) -> None:
         self.clock = Clock()
-        self.service = JobsService(clock=self.clock)
+        # Deletions complete at the next tick (see delete), not DELETION_SECONDS later.
+        self.service = JobsService(clock=self.clock, deletion_seconds=0)
         self.service.create_thing(THING)
         self.jobs = ServiceJobs(self.service)
         runs = tmp / "runs"
@@ -145,6 +150,11 @@ class World:
     def create(self, job_id: str, document: dict[str, Any] | None = None) -> None:
         self.service.create_job(job_id, [THING], document or DOC)
         self.clock.now += 1
+
+    def delete(self, job_id: str) -> None:
+        """Delete the job and let the deletion complete, so its id may be used again."""
+        self.service.delete_job(job_id, force=True)
+        self.service.tick()
 
     def status(self, job_id: str) -> dict[str, Any]:
         return self.service.execution(job_id, THING)
@@ -362,7 +372,7 @@ def test_reused_job_id_runs_again_and_the_old_record_is_history(tmp_path: Path) 
             assert old is not None
             log = w.config.state_dir / "logs" / "j1.1.log"
             assert log.exists()
-            w.service.delete_job("j1")
+            w.delete("j1")
             w.clock.now += 5
             w.create("j1")  # executionNumber 1 again
             await w.d.sync()
@@ -384,7 +394,7 @@ def test_reused_in_the_same_second_is_told_apart_by_its_version(tmp_path: Path) 
             w.service.create_job("j1", [THING], DOC)
             await w.d.sync()
             await w.idle()
-            w.service.delete_job("j1")
+            w.delete("j1")
             w.service.create_job("j1", [THING], DOC)  # same clock second: same queuedAt
             await w.d.sync()
             await w.idle()
@@ -418,7 +428,7 @@ def test_in_progress_execution_replacing_our_record_is_unknown_to_this_device(
             w.create("j1")
             await w.d.sync()
             await w.idle()
-            w.service.delete_job("j1")
+            w.delete("j1")
             w.clock.now += 5
             w.create("j1")
             w.service.start_next(THING)  # claimed by someone else (not this agent)

@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from agent.sandbox.service import JobsService, Publish, Rejection
+from agent.sandbox.document import dumps
+from agent.sandbox.records import mqtt_execution
+from agent.sandbox.service import DELETION_SECONDS, JobsService, Publish, Rejection
 
 T0 = 1_700_000_000.6
 """A fractional start time, so that every test also proves timestamps are truncated to int."""
@@ -171,6 +173,20 @@ def test_unknown_topic_under_jobs_is_invalid_topic(svc: JobsService, suffix: str
     assert svc.history[-1][1:] == ("unknown", {"code": "InvalidTopic", "message": out["message"]})
 
 
+@pytest.mark.parametrize("suffix", ["get", "$next/get", "start-next", "j1/get"])
+def test_an_empty_payload_is_an_empty_request(svc: JobsService, suffix: str) -> None:
+    """AWS's embedded C Jobs library and its demo send these requests with no payload."""
+    jobs(svc, "j1")
+    out = accepted(svc, suffix, b"")
+    assert "clientToken" not in out
+    assert out.get("execution", {"jobId": "j1"})["jobId"] == "j1"
+
+
+def test_an_empty_update_lacks_its_status(svc: JobsService) -> None:
+    jobs(svc, "j1")
+    assert "status is required" in rejected(svc, "j1/update", b"", "InvalidRequest")["message"]
+
+
 def test_invalid_topic_wins_over_invalid_json(svc: JobsService) -> None:
     out = rejected(svc, "bogus", b"not json", "InvalidTopic")
     assert "clientToken" not in out
@@ -178,7 +194,7 @@ def test_invalid_topic_wins_over_invalid_json(svc: JobsService) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"not json", b"\xff\xfe{}", b"[1, 2]", b'"text"', b"42", b"null", b"NaN", b'{"a": NaN}'],
+    [b" ", b"not json", b"\xff\xfe{}", b"[1, 2]", b'"text"', b"42", b"null", b"NaN", b'{"a": NaN}'],
 )
 def test_payload_must_be_a_utf8_json_object(svc: JobsService, raw: bytes) -> None:
     out = rejected(svc, "get", raw, "InvalidJson")
@@ -268,7 +284,7 @@ def test_every_timestamp_is_an_integer_number_of_seconds(svc: JobsService, clock
     for publish in publishes:
         assert_int(publish.payload["timestamp"])
         walk(publish.payload)
-        json.dumps(publish.payload, allow_nan=False)  # the front must be able to serialise it
+        json.loads(dumps(publish.payload))  # the front must be able to serialise it
 
 
 # ==================================================================== request validation
@@ -322,7 +338,9 @@ OK_VALUE = "v" * 1024
         ("j1/update", {"status": "REMOVED"}, "status"),
         ("j1/update", {"status": "in_progress"}, "status"),
         ("j1/update", {"status": 1}, "status"),
-        ("j1/update", {"status": "IN_PROGRESS", "expectedVersion": "1"}, "expectedVersion"),
+        ("j1/update", {"status": "IN_PROGRESS", "expectedVersion": "1.0"}, "expectedVersion"),
+        ("j1/update", {"status": "IN_PROGRESS", "expectedVersion": "one"}, "expectedVersion"),
+        ("j1/update", {"status": "IN_PROGRESS", "clientToken": "t" * 65}, "clientToken"),
         ("j1/update", {"status": "IN_PROGRESS", "expectedVersion": True}, "expectedVersion"),
         ("j1/update", {"status": "IN_PROGRESS", "expectedVersion": 1.0}, "expectedVersion"),
         ("j1/update", {"status": "IN_PROGRESS", "expectedVersion": 2**63}, "expectedVersion"),
@@ -374,14 +392,41 @@ def test_malformed_thing_name_in_topic_is_invalid_request(svc: JobsService, thin
 def test_valid_status_details_are_accepted(svc: JobsService, details: dict[str, str]) -> None:
     jobs(svc, "j1")
     out = accepted(svc, "start-next", {"statusDetails": details})
-    assert out["execution"]["statusDetails"] == details
+    assert out["execution"].get("statusDetails", {}) == details
+    assert ("statusDetails" in out["execution"]) == bool(details)  # none: no key over MQTT
 
 
-@pytest.mark.parametrize("minutes", [1, 10080, -1])
+@pytest.mark.parametrize("minutes", [1, 10080])
 def test_step_timeout_bounds_are_accepted(svc: JobsService, minutes: int) -> None:
     jobs(svc, "j1")
     accepted(svc, "start-next", {"stepTimeoutInMinutes": minutes})
     accepted(svc, "j1/update", {"status": "IN_PROGRESS", "stepTimeoutInMinutes": minutes})
+
+
+def test_only_update_may_cancel_the_step_timer_with_minus_one(svc: JobsService) -> None:
+    jobs(svc, "j1")
+    out = rejected(svc, "start-next", {"stepTimeoutInMinutes": -1}, "InvalidRequest")
+    assert "stepTimeoutInMinutes must be 1-10080, not -1" in out["message"]
+    assert status_of(svc, "j1") == "QUEUED"
+    accepted(svc, "j1/update", {"status": "IN_PROGRESS", "stepTimeoutInMinutes": -1})
+
+
+def test_client_token_of_64_characters_is_the_longest(svc: JobsService) -> None:
+    assert accepted(svc, "get", {"clientToken": "t" * 64})["clientToken"] == "t" * 64
+    out = rejected(svc, "get", {"clientToken": "t" * 65}, "InvalidRequest")
+    assert out["clientToken"] == "t" * 65  # still echoed, so the client can correlate it
+
+
+@pytest.mark.parametrize(("given", "ok"), [("2", True), ("3", False), (2, True), ("02", True)])
+def test_expected_version_may_be_a_numeric_string(svc: JobsService, given: Any,
+                                                  ok: bool) -> None:
+    """AWS's embedded C Jobs library sends ``"expectedVersion":"2"`` (``Jobs_UpdateMsg``)."""
+    jobs(svc, "j1")
+    svc.start_next("dev1")
+    out = reply(svc, "j1/update", {"status": "SUCCEEDED", "expectedVersion": given})
+    assert out.topic.endswith("/accepted" if ok else "/rejected"), out
+    if not ok:
+        assert out.payload["code"] == "VersionMismatch"
 
 
 def test_direct_device_calls_validate_like_mqtt(svc: JobsService) -> None:
@@ -481,7 +526,6 @@ def test_start_next_claims_the_queued_head(svc: JobsService, clock: Clock) -> No
     out = accepted(svc, "start-next", {"statusDetails": {"step": "download"}})
     assert out["execution"] == {
         "jobId": "j1",
-        "thingName": "dev1",
         "status": "IN_PROGRESS",
         "statusDetails": {"step": "download"},
         "queuedAt": int(T0),
@@ -492,13 +536,26 @@ def test_start_next_claims_the_queued_head(svc: JobsService, clock: Clock) -> No
         "jobDocument": DOC,
     }
     assert "approximateSecondsBeforeTimedOut" not in out["execution"]
-    assert svc.execution("j1", "dev1") == out["execution"]
+    assert svc.execution("j1", "dev1") == out["execution"] | {"thingName": "dev1"}
 
 
-def test_start_next_without_status_details_gives_an_empty_map(svc: JobsService) -> None:
+def test_executions_carry_no_thing_name_over_mqtt_and_no_empty_status_details(
+        svc: JobsService) -> None:
+    """As AWS's captures show; the HTTP data plane's execution keeps thingName (boto3's shape)."""
     jobs(svc, "j1")
-    execution = svc.start_next("dev1")[0]["execution"]
-    assert execution["statusDetails"] == {}
+    over_http = svc.start_next("dev1")[0]["execution"]
+    over_mqtt = accepted(svc, "j1/get")["execution"]
+    notify_next = send(svc, "j1/update", {"status": "SUCCEEDED"})[-1].payload
+    jobs(svc, "j2")
+
+    assert over_http["thingName"] == "dev1"
+    assert "statusDetails" not in over_http
+    assert "thingName" not in over_mqtt and "statusDetails" not in over_mqtt
+    assert {k: v for k, v in over_http.items() if k != "thingName"} == over_mqtt
+    assert notify_next == {"timestamp": int(T0)}
+    head = send(svc, "j2/get")[0].payload["execution"]
+    assert "thingName" not in head and "statusDetails" not in head
+    assert svc.execution("j1", "dev1")["statusDetails"] == {}  # the Python API: always there
 
 
 def test_start_next_returns_an_in_progress_head_unchanged(svc: JobsService, clock: Clock) -> None:
@@ -540,7 +597,7 @@ def test_describe_execution(svc: JobsService) -> None:
     out = accepted(svc, "j1/get", {"includeJobDocument": False, "executionNumber": 1})
     assert "jobDocument" not in out["execution"]
     assert svc.describe_execution("dev1", "j1", include_job_document=False) == {
-        "execution": out["execution"]
+        "execution": out["execution"] | {"thingName": "dev1"}
     }
     rejected(svc, "j1/get", {"executionNumber": 2}, "ResourceNotFound")
     rejected(svc, "j2/get", {}, "ResourceNotFound")
@@ -683,7 +740,7 @@ def test_update_of_an_unknown_or_deleted_execution_is_resource_not_found(svc: Jo
     rejected(svc, "j1/update", {"status": "IN_PROGRESS"}, "ResourceNotFound")
     jobs(svc, "j1")
     rejected(svc, "j1/update", {"status": "IN_PROGRESS"}, "ResourceNotFound", thing="dev2")
-    svc.delete_job("j1")
+    svc.delete_job("j1", force=True)
     out = rejected(svc, "j1/update", {"status": "IN_PROGRESS"}, "ResourceNotFound")
     assert "executionState" not in out
 
@@ -712,8 +769,7 @@ def test_new_job_on_an_empty_thing_sends_notify_then_notify_next(svc: JobsServic
     assert notify.payload == {"timestamp": int(T0), "jobs": {"QUEUED": [summary]}}
     assert notify_next.payload == {
         "timestamp": int(T0),
-        "execution": summary
-        | {"thingName": "dev1", "status": "QUEUED", "statusDetails": {}, "jobDocument": DOC},
+        "execution": summary | {"status": "QUEUED", "jobDocument": DOC},
     }
 
 
@@ -814,7 +870,7 @@ def test_control_plane_mutations_notify_each_affected_thing(svc: JobsService) ->
     ]
     assert out[1].payload["execution"]["jobId"] == "j2"
     assert out[3].payload == {"timestamp": int(T0)}
-    out = svc.delete_job("j2")
+    out = svc.delete_job("j2", force=True)
     assert [p.payload for p in out] == [{"timestamp": int(T0), "jobs": {}}, {"timestamp": int(T0)}]
 
 
@@ -984,19 +1040,20 @@ def test_create_job_rejections_change_nothing(
     assert svc.executions_for_thing("dev1") == []
 
 
-def test_a_reused_job_id_starts_again_at_execution_number_1(svc: JobsService,
-                                                            clock: Clock) -> None:
+def test_a_reused_job_id_starts_again_at_execution_number_one(
+        svc: JobsService, clock: Clock) -> None:
+    """AWS: "once a job execution is deleted, the executionNumber may be reused". The new
+    execution is told apart by its queuedAt."""
     jobs(svc, "j1")
-    first = svc.execution("j1", "dev1")
-    svc.delete_job("j1")
-    clock.now += 5
+    old = svc.execution("j1", "dev1")
+    svc.delete_job("j1", force=True)
+    control_error("ResourceAlreadyExists", svc.create_job, "j1", ["dev1"], DOC)
+    clock.advance(DELETION_SECONDS)
+    svc.tick()
     svc.create_job("j1", ["dev1", "dev2"], DOC)
-    second = svc.execution("j1", "dev1")
-    # "once a job execution is deleted, the executionNumber may be reused": only queuedAt
-    # (and the version) tell the new execution from the deleted one.
-    assert (second["executionNumber"], second["versionNumber"]) == (1, 1)
-    assert second["queuedAt"] == first["queuedAt"] + 5
-    assert svc.execution("j1", "dev2")["executionNumber"] == 1
+    new = svc.execution("j1", "dev1")
+    assert (new["executionNumber"], svc.execution("j1", "dev2")["executionNumber"]) == (1, 1)
+    assert new["queuedAt"] == old["queuedAt"] + int(DELETION_SECONDS)
     accepted(svc, "j1/update", {"status": "IN_PROGRESS", "executionNumber": 1})
     rejected(svc, "j1/get", {"executionNumber": 2}, "ResourceNotFound")
 
@@ -1050,27 +1107,45 @@ def test_cancel_job_rejections(svc: JobsService) -> None:
     assert status_of(svc, "j1") == "QUEUED"
 
 
-def test_delete_job(svc: JobsService) -> None:
+def test_delete_job_without_force_needs_a_completed_or_canceled_job(svc: JobsService) -> None:
+    """DeleteJob: "you can only delete a job that's in a terminal state (COMPLETED or
+    CANCELED)" unless force; the model's error for it is InvalidStateTransitionException."""
+    svc.create_job("j1", ["dev1", "dev2"], DOC)
+    error = control_error("InvalidStateTransition", svc.delete_job, "j1")
+    assert "IN_PROGRESS" in error.message and "force" in error.message
+    svc.start_next("dev1")
+    control_error("InvalidStateTransition", svc.delete_job, "j1")
+    assert status_of(svc, "j1") == "IN_PROGRESS"
+    jobs(svc, "j2", "j3")
+    svc.cancel_job("j2")
+    make_status(svc, "j3", "FAILED")
+    assert [svc.describe_job(j)["status"] for j in ("j2", "j3")] == ["CANCELED", "COMPLETED"]
+    svc.delete_job("j2")
+    svc.delete_job("j3")
+
+
+def test_delete_job_passes_through_deletion_in_progress(svc: JobsService, clock: Clock) -> None:
     svc.create_job("j1", ["dev1", "dev2"], DOC)
     svc.start_next("dev1")
-    error = control_error("InvalidRequest", svc.delete_job, "j1")
-    assert "dev1" in error.message and "force" in error.message
-    assert status_of(svc, "j1") == "IN_PROGRESS"
-    svc.delete_job("j1", force=True)
+    out = svc.delete_job("j1", force=True)
+
+    assert kinds(out) == ["notify", "notify-next"] * 2  # the executions are gone at once
+    assert svc.executions_for_thing("dev1") == svc.executions_for_thing("dev2") == []
+    assert svc.executions_for_job("j1") == []
+    rejected(svc, "j1/get", {}, "ResourceNotFound")
+    described = svc.describe_job("j1")
+    assert described["status"] == "DELETION_IN_PROGRESS"
+    assert [j["status"] for j in svc.list_jobs()] == ["DELETION_IN_PROGRESS"]
+    control_error("InvalidStateTransition", svc.delete_job, "j1", force=True)
+    control_error("InvalidStateTransition", svc.cancel_job, "j1")
+    assert svc.next_deadline() == T0 + DELETION_SECONDS
+
+    clock.advance(DELETION_SECONDS)
+    assert svc.tick() == []
     control_error("ResourceNotFound", svc.describe_job, "j1")
     control_error("ResourceNotFound", svc.get_job_document, "j1")
-    control_error("ResourceNotFound", svc.executions_for_job, "j1")
     control_error("ResourceNotFound", svc.delete_job, "j1")
-    assert svc.executions_for_thing("dev1") == svc.executions_for_thing("dev2") == []
-    assert svc.list_jobs() == []
-
-
-def test_delete_job_without_force_is_fine_when_nothing_runs(svc: JobsService) -> None:
-    jobs(svc, "j1", "j2")
-    make_status(svc, "j2", "FAILED")
-    svc.delete_job("j1")
-    svc.delete_job("j2")
-    assert svc.list_jobs() == []
+    assert svc.list_jobs() == [] and svc.next_deadline() is None
 
 
 def test_cancel_job_execution(svc: JobsService) -> None:
@@ -1165,8 +1240,8 @@ def test_job_completes_when_every_execution_ends(svc: JobsService, clock: Clock)
 
 def test_read_accessors_return_copies(svc: JobsService) -> None:
     jobs(svc, "j1")
-    svc.get_job_document("j1")["operation"] = "changed"
-    svc.execution("j1", "dev1")["jobDocument"]["operation"] = "changed"
+    with pytest.raises(AttributeError):  # documents are immutable values
+        svc.get_job_document("j1").text = "{}"  # type: ignore[misc]
     svc.execution("j1", "dev1")["statusDetails"]["x"] = "y"
     svc.describe_job("j1")["targets"].append("dev2")
     assert svc.get_job_document("j1") == DOC
@@ -1414,9 +1489,11 @@ class ServiceMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ observations
 
-    def _records(self) -> dict[tuple[str, str, int], dict[str, Any]]:
+    def _records(self) -> dict[tuple[str, str, int, int], dict[str, Any]]:
+        """Executions by (thing, job, number, queuedAt): a job re-created under a deleted one's
+        id starts again at number 1, later (the deletion takes a while)."""
         return {
-            (r["thingName"], r["jobId"], r["executionNumber"]): r
+            (r["thingName"], r["jobId"], r["executionNumber"], r["queuedAt"]): r
             for thing in THINGS
             for r in self.svc.executions_for_thing(thing)
         }
@@ -1445,7 +1522,7 @@ class ServiceMachine(RuleBasedStateMachine):
         """Mostly an existing (thing, job, executionNumber), sometimes anything."""
         usual = data.draw(st.integers(0, 9)) > 0
         if self.records and usual:
-            return data.draw(st.sampled_from(sorted(self.records)))
+            return data.draw(st.sampled_from(sorted(self.records)))[:3]
         return (data.draw(st.sampled_from(THINGS)), self._job(data), data.draw(st.integers(1, 2)))
 
     # ------------------------------------------------------------ control plane
@@ -1599,7 +1676,8 @@ class ServiceMachine(RuleBasedStateMachine):
             body["stepTimeoutInMinutes"] = step
         if number:
             body["executionNumber"] = execution_number
-        current = self.records.get((thing, job, execution_number))
+        current = next((r for key, r in self.records.items()
+                        if key[:3] == (thing, job, execution_number)), None)
         if version != "none" and current is not None:
             body["expectedVersion"] = current["versionNumber"] + (version == "wrong")
         self._send(thing, f"{job}/update", body, token)
@@ -1682,6 +1760,8 @@ class ServiceMachine(RuleBasedStateMachine):
                 assert running
             elif job["status"] == "COMPLETED":
                 assert not running and "completedAt" in job
+            elif job["status"] == "DELETION_IN_PROGRESS":
+                assert statuses == set()
             else:
                 assert job["status"] == "CANCELED" and "QUEUED" not in statuses
         self.records = records
@@ -1711,10 +1791,10 @@ class ServiceMachine(RuleBasedStateMachine):
                     if items
                 }
             else:
-                assert publish.payload == {
-                    "timestamp": int(self.clock.now),
-                    **self.svc.describe_execution(thing, "$next"),
-                }
+                head = self.svc.describe_execution(thing, "$next")
+                if head:
+                    head = {"execution": mqtt_execution(head["execution"])}
+                assert publish.payload == {"timestamp": int(self.clock.now), **head}
         self.pending = pending
 
     def pending_lists_are_well_formed(self) -> None:
