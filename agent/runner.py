@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from agent.config import SAFE_PATH
 from agent.errors import AgentError
 
 __all__ = ["DOCUMENT_FILE", "PROGRESS_FD", "SAFE_PATH", "HandlerProcess", "RunRequest",
@@ -39,7 +40,6 @@ __all__ = ["DOCUMENT_FILE", "PROGRESS_FD", "SAFE_PATH", "HandlerProcess", "RunRe
 
 log = logging.getLogger("agent.runner")
 
-SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROGRESS_FD = 3
 DOCUMENT_FILE = "job-document.json"
 HEAD_BYTES = TAIL_BYTES = MAX_PROGRESS_LINE = 4096
