@@ -22,11 +22,14 @@ from agent.jobs import JobsClient
 from agent.journal import Journal
 from agent.systemd import Notifier
 
-__all__ = ["Agent"]
+__all__ = ["EXIT_RESTART", "Agent"]
 
 log = logging.getLogger("agent.app")
 
 READY_TIMEOUT = 60.0  # below systemd's default TimeoutStartSec=90s
+EXIT_RESTART = -1
+"""What :meth:`Agent.serve` returns when a job step asked for the agent to restart itself: the
+caller (``iot-jobs-agent run``) then executes the agent afresh in the same process."""
 
 
 class Agent:
@@ -39,6 +42,7 @@ class Agent:
         self._force = asyncio.Event()
         self._signals = 0
         self._failed = False
+        self._restart = False
         self._tasks: list[asyncio.Task[None]] = []
 
     def request_stop(self, signum: int | None = None) -> None:
@@ -47,6 +51,11 @@ class Agent:
         self._stop.set()
         if self._signals > 1:
             self._force.set()  # a second signal: stop handlers now, do not wait the grace
+
+    def request_restart(self) -> None:
+        """A job step asked for the agent to restart: stop as on SIGTERM, then start again."""
+        self._restart = True
+        self._stop.set()
 
     async def serve(self) -> int:
         self._prepare_state_dir()
@@ -59,7 +68,8 @@ class Agent:
         job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")
                         or Path(self.config.state_dir) / "logs")
         dispatcher = Dispatcher(self.config, jobs, journal, job_logs=job_logs,
-                                on_change=lambda: self._status(dispatcher))
+                                on_change=lambda: self._status(dispatcher),
+                                on_restart=self.request_restart)
         jobs.open_streams(self.config.thing_name)
         connection.add_listener(lambda ev: self._on_connection(ev, dispatcher))
         loop = asyncio.get_running_loop()
@@ -86,7 +96,9 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped")
-        return 1 if self._failed else 0
+        if self._failed:
+            return 1
+        return EXIT_RESTART if self._restart else 0
 
     # ------------------------------------------------------------------ helpers
 

@@ -14,10 +14,13 @@ Execution states::
     claiming --> running --> finished --> done
         |           |  ^          ^
         |           v  |          |
-        |       rebooting --------+
+        |     rebooting/restarting+
         +-----------------------------> done   (claim refused / job gone)
 
-An execution in the journal is never claimed again, whatever notifications say.
+An execution in the journal is never claimed again, whatever notifications say. The ``steps``
+table records where its plan stands: one row per step started, with the starts of that step
+(the crash-loop guard counts per step) and how it ended, so a restarted agent resumes a plan at
+the step that was interrupted.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any, TypeVar
 
 from agent.errors import JournalError
 
-__all__ = ["Journal", "OutboxEntry", "Record"]
+__all__ = ["Journal", "OutboxEntry", "Record", "StepRecord"]
 
 log = logging.getLogger("agent.journal")
 
@@ -62,6 +65,17 @@ CREATE TABLE IF NOT EXISTS executions (
     PRIMARY KEY (job_id, execution_number)
 );
 CREATE INDEX IF NOT EXISTS executions_state ON executions (state, updated_at);
+CREATE TABLE IF NOT EXISTS steps (
+    job_id TEXT NOT NULL,
+    execution_number INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_id, execution_number, step)
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -72,7 +86,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at REAL NOT NULL
 );
 """
-OPEN_STATES = ("claiming", "running", "rebooting", "finished")
+OPEN_STATES = ("claiming", "running", "rebooting", "restarting", "finished")
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,18 @@ class Record:
     @property
     def key(self) -> tuple[str, int]:
         return (self.job_id, self.execution_number)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of an execution's plan that was started: ``running`` until it ended
+    ``succeeded``, ``failed`` or ``ignored`` (failed with ignoreStepFailure)."""
+
+    step: int
+    name: str
+    state: str
+    attempts: int
+    reason: str | None
 
 
 @dataclass(frozen=True)
@@ -240,13 +266,33 @@ class Journal:
         await self._write((f"UPDATE executions SET {sets} WHERE job_id=? AND execution_number=?",
                            (*fields.values(), *key)))
 
-    async def started(self, key: tuple[str, int], pid: int | None, pid_start: int | None,
+    async def started(self, key: tuple[str, int], step: int, name: str,
                       boot_id: str | None) -> None:
-        """Committed before the handler can do anything that matters (see runner.start)."""
-        await self._write((
-            "UPDATE executions SET state='running', attempts=attempts+1, pid=?, pid_start=?, "
-            "boot_id=?, updated_at=? WHERE job_id=? AND execution_number=?",
-            (pid, pid_start, boot_id, self._clock(), *key)))
+        """Step ``step`` of the plan is about to start: committed before its program can do
+        anything that matters (see runner.start). Counts a start of the execution and of the
+        step; the pid is recorded once known (:meth:`update`)."""
+        now = self._clock()
+        await self._write(
+            ("UPDATE executions SET state='running', attempts=attempts+1, pid=NULL, "
+             "pid_start=NULL, boot_id=?, updated_at=? WHERE job_id=? AND execution_number=?",
+             (boot_id, now, *key)),
+            ("INSERT INTO steps (job_id, execution_number, step, name, state, attempts, "
+             "updated_at) VALUES (?,?,?,?,'running',1,?) ON CONFLICT (job_id, execution_number, "
+             "step) DO UPDATE SET state='running', attempts=attempts+1, reason=NULL, "
+             "updated_at=excluded.updated_at", (*key, step, name, now)))
+
+    async def step_ended(self, key: tuple[str, int], step: int, state: str,
+                         reason: str) -> None:
+        """How step ``step`` ended: ``succeeded``, ``failed`` or ``ignored``."""
+        await self._write(("UPDATE steps SET state=?, reason=?, updated_at=? WHERE job_id=? AND "
+                           "execution_number=? AND step=?",
+                           (state, reason, self._clock(), *key, step)))
+
+    async def steps(self, key: tuple[str, int]) -> list[StepRecord]:
+        """The steps of an execution started so far, in plan order."""
+        rows = await self._query("SELECT step, name, state, attempts, reason FROM steps WHERE "
+                                 "job_id=? AND execution_number=? ORDER BY step", key)
+        return [StepRecord(*row) for row in rows]
 
     async def finish(self, key: tuple[str, int], status: str, details: dict[str, str],
                      *, state: str = "finished") -> None:
@@ -264,6 +310,7 @@ class Journal:
         """Remove an execution that was never claimed (the claim did not go through)."""
         await self._write(
             ("DELETE FROM outbox WHERE job_id=? AND execution_number=?", key),
+            ("DELETE FROM steps WHERE job_id=? AND execution_number=?", key),
             ("DELETE FROM executions WHERE job_id=? AND execution_number=?", key))
 
     async def done(self, key: tuple[str, int]) -> None:
@@ -309,8 +356,8 @@ class Journal:
         return [(r[0], r[1]) for r in rows]
 
     def _delete_many(self, keys: list[tuple[str, int]]) -> None:
-        self._tx([("DELETE FROM executions WHERE job_id=? AND execution_number=?", k)
-                  for k in keys])
+        self._tx([(f"DELETE FROM {table} WHERE job_id=? AND execution_number=?", k)
+                  for k in keys for table in ("steps", "executions")])
 
 
 _COLUMNS = ("job_id, execution_number, operation, document, state, version, step_minutes, "

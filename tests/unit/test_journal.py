@@ -37,7 +37,8 @@ def test_lifecycle_survives_reopening(tmp_path: Path) -> None:
     async def first() -> None:
         j = await opened(db)
         await j.claiming(("j1", 1), "run", {"operation": "run"}, 1, 5)
-        await j.started(("j1", 1), 4242, 99, "boot-a")
+        await j.started(("j1", 1), 0, "run", "boot-a")
+        await j.update(("j1", 1), pid=4242, pid_start=99)
         await j.finish(("j1", 1), "SUCCEEDED", {"reason": "exit code 0"})
         await j.close()  # like a crash right after the commit
 
@@ -54,6 +55,54 @@ def test_lifecycle_survives_reopening(tmp_path: Path) -> None:
                                                                            "boot-a")
     assert record.result == {"status": "SUCCEEDED", "details": {"reason": "exit code 0"}}
     assert [(e.status, e.final) for e in outbox] == [("SUCCEEDED", True)]
+
+
+def test_steps_count_their_own_starts_and_go_with_their_execution(tmp_path: Path) -> None:
+    async def body() -> tuple[Any, ...]:
+        j = await opened(tmp_path / "journal.db")
+        key = ("j1", 1)
+        await j.claiming(key, "plan", {"version": "1.0"}, 1, 5)
+        await j.started(key, 0, "Install", "boot-a")
+        await j.step_ended(key, 0, "ignored", "exit code 1")
+        await j.started(key, 1, "Reboot", "boot-a")
+        await j.started(key, 1, "Reboot", "boot-b")  # run again after a crash
+        record, steps = await j.get(key), await j.steps(key)
+        await j.forget(key)
+        gone = await j.steps(key)
+        await j.claiming(("j2", 1), "plan", {}, 1, 5)
+        await j.started(("j2", 1), 0, "x", None)
+        await j.done(("j2", 1))
+        pruned = await j.prune(0.0, 0)
+        left = await j.steps(("j2", 1))
+        await j.close()
+        return record, steps, gone, pruned, left
+
+    record, steps, gone, pruned, left = run(body())
+    assert (record.state, record.attempts, record.boot_id) == ("running", 3, "boot-b")
+    assert [(s.step, s.name, s.state, s.attempts, s.reason) for s in steps] == [
+        (0, "Install", "ignored", 1, "exit code 1"), (1, "Reboot", "running", 2, None)]
+    assert gone == [] and pruned == [("j2", 1)] and left == []
+
+
+def test_a_journal_from_before_steps_opens_and_gains_them(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "journal.db"
+    old = sqlite3.connect(db)
+    old.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                      "INSERT INTO meta VALUES ('schema', '1');")
+    old.close()
+
+    async def body() -> list[Any]:
+        j = await opened(db)
+        await j.claiming(("j1", 1), "run", {}, 1, 5)
+        await j.started(("j1", 1), 0, "run", None)
+        try:
+            return await j.steps(("j1", 1))
+        finally:
+            await j.close()
+
+    assert [s.attempts for s in run(body())] == [1]
 
 
 def test_outbox_keeps_order_and_delivery_closes_the_execution(tmp_path: Path) -> None:
