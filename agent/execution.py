@@ -9,7 +9,8 @@ are its decisions, kept apart from its I/O so they read (and are tested) as rule
   is the last step, so it runs only when every step before it succeeded (or was ignored);
 - the final statusDetails are today's keys for the last step that ran, plus, for plans from
   Device Client documents, which step that was and which one failed, and Device Client's own
-  ``stdout``/``stderr`` keys (the last 1024 characters; stdout only with ``includeStdOut``).
+  ``stdout``/``stderr`` keys (the last 1024 characters; stdout only with ``includeStdOut``); a
+  failed step's ``reason`` ends with the last line it printed on stderr.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def final_report(plan: Plan, run: PlanRun,
     status = "FAILED" if failed is not None or interrupted else "SUCCEEDED"
     reason = f"interrupted: {interrupted}" if interrupted else (
         last.verdict.reason if last.verdict.reason != last.result.reason else None)
+    said = _last_line(last.result.stderr_tail)
+    if plan.device_client and not interrupted and not last.verdict.ok and said:
+        # A script's own words on why it failed ("HTTP 403 ... presigned URL has expired"),
+        # where Device Client's dashboards show only "Job exited with status: 1".
+        reason = f"{reason or last.result.reason}: {said}"
     details = status_details(last.result, extra={"reason": reason} if reason else None)
     if last.phase == "verify":
         details["phase"] = "verify after reboot"
@@ -113,3 +119,8 @@ def final_report(plan: Plan, run: PlanRun,
             if value := sanitize_detail(text, "end"):
                 details[key] = value
     return status, details
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""

@@ -39,6 +39,11 @@ class Job:
     comment: str | None = None
     reason_code: str | None = None
     force_canceled: bool | None = None
+    # Created from an AWS managed template: its ARN, the parameters given and the document
+    # before substitution (GetJobDocument's beforeSubstitution).
+    template_arn: str | None = None
+    document_parameters: dict[str, str] | None = None
+    template_document: dict[str, Any] | None = None
 
 
 @dataclass

@@ -68,10 +68,19 @@ def test_failed_step_ends_the_plan_and_is_named() -> None:
     status, details = final_report(p, ran(p, result(0), result(0, stderr="a\nb\n", lines=2)),
                                    None)
     assert status == "FAILED"
-    assert details["reason"] == "2 lines on stderr; allowStdErr allows 1"
+    assert details["reason"] == "2 lines on stderr; allowStdErr allows 1: b"
     assert (details["step"], details["stepName"]) == ("2/3", "Run")
     assert (details["failedStep"], details["failedStepName"]) == ("2/3", "Run")
     assert details["stderr"] == "a | b" and "stdout" not in details  # no includeStdOut
+
+
+def test_failure_reason_ends_with_the_scripts_last_words() -> None:
+    p = plan(step("Download"))
+    failing = result(1, stderr="curl: (22)\ndownload refused: HTTP 403 Forbidden\n\n", lines=3)
+    assert final_report(p, ran(p, failing), None)[1]["reason"] == \
+        "exit code 1: download refused: HTTP 403 Forbidden"
+    native = plan(step("h", "handler"), form="native")
+    assert final_report(native, ran(native, failing), None)[1]["reason"] == "exit code 1"
 
 
 def test_ignored_failure_goes_on_and_is_reported() -> None:

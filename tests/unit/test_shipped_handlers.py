@@ -6,19 +6,17 @@ End to end through boto3, the emulator and the agent: tests/integration/test_tem
 
 from __future__ import annotations
 
-import http.server
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.config import SHIPPED_HANDLERS
 from agent.sandbox.standins import StandIns, install_stand_ins
+from tests.conftest import Web
 
 DASH = shutil.which("dash")
 pytestmark = pytest.mark.skipif(DASH is None, reason="dash is the POSIX sh these are written for")
@@ -53,35 +51,9 @@ def handler(name: str, *args: str, path: str, env: dict[str, str] | None = None,
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[str]:
-    """Loopback HTTP: /file.bin, /dir/, /expired (403), /go (302 to file://), /missing (404)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    (root / "file.bin").write_bytes(b"payload\n" * 1000)
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a: object, **kw: object) -> None:
-            super().__init__(*a, directory=str(root), **kw)  # type: ignore[arg-type]
-
-        def do_GET(self) -> None:
-            if self.path.startswith("/expired"):
-                self.send_error(403, "Request has expired")
-            elif self.path.startswith("/go"):
-                self.send_response(302)
-                self.send_header("Location", "file:///etc/passwd")
-                self.end_headers()
-            else:
-                super().do_GET()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-    httpd.server_close()
+def server(web: Web) -> str:
+    (web.root / "file.bin").write_bytes(b"payload\n" * 1000)
+    return web.url
 
 
 # ----------------------------------------------------------------------------- download-file.sh
