@@ -8,6 +8,10 @@ the stand-in reboot command.
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from agent.sandbox.standins import StandIns
 from agent.sandbox.templates import TEMPLATES
 from tests.conftest import Thing, Web
 from tests.integration.agent_harness import AgentProcess
-from tests.integration.test_boto3_referee import sandbox_client
+from tests.integration.test_boto3_referee import README, _user_env, sandbox_client
 
 pytestmark = pytest.mark.broker
 
@@ -277,3 +281,49 @@ def test_restart_the_agent_itself(iot: Any, thing: Thing, tmp_path: Path) -> Non
     sent = [u.get("executionState", {}).get("statusDetails", {}).get("step") for u in
             agent.updates()]
     assert "restarting the agent" in sent  # heard before the agent went down
+
+
+# ----------------------------------------------------------------------------- the README
+
+
+def test_the_readme_template_example_runs_in_the_sandbox(tmp_path: Path) -> None:
+    """`iot-jobs-agent sandbox --no-agent`, the agent from .sandbox/agent.yaml, and the README's
+    managed-template example, exactly as a user runs them."""
+    text = README.read_text()
+    section = text[text.index("### In the sandbox"):]
+    example = re.search(r"```python\n(.*?)```", section, re.S)
+    assert example, "the README section has no python example"
+    sandbox = subprocess.Popen([sys.executable, "-m", "agent", "sandbox", "--dir", ".sandbox",
+                                "--no-agent"], cwd=tmp_path, env=_user_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = None
+    try:
+        info = tmp_path / ".sandbox" / "sandbox.json"
+        deadline = time.monotonic() + 120
+        while not info.exists() and sandbox.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert info.exists(), "the sandbox wrote no sandbox.json"
+        check = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config",
+                                ".sandbox/agent.yaml"], cwd=tmp_path, env=_user_env(),
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stderr  # every new setting the sandbox writes
+        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
+                                  ".sandbox/agent.yaml"], cwd=tmp_path, env=_user_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        run = subprocess.run([sys.executable, "-c", example.group(1)], cwd=tmp_path,
+                             env=_user_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        log = ""
+        if agent is not None:
+            agent.send_signal(signal.SIGTERM)
+            log = agent.communicate(timeout=60)[1]
+        sandbox.send_signal(signal.SIGINT)
+        sandbox.communicate(timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr + log
+    lines = run.stdout.splitlines()
+    assert lines[:8] == [f"{t.name} - {t.description}" for t in
+                         sorted(TEMPLATES.values(), key=lambda t: t.name)]
+    expected = ("SUCCEEDED apt-get: install jq htop | Setting up jq (stand-in) ... | Setting up "
+                "htop (stand-in) ...")
+    assert lines[8] == expected
+    assert f"# {expected}" in section  # the README shows what it prints
