@@ -70,8 +70,8 @@ class RunningJob:
     def where(self) -> str:
         where = (f"job_id={self.key[0]} execution={self.key[1]} "
                  f"handler={self.plan.steps[self.step].name}")
-        return where if self.plan.form == "native" else \
-            f"{where} step={step_label(self.plan, self.step)}"
+        return f"{where} step={step_label(self.plan, self.step)}" if self.plan.reports_steps \
+            else where
 
 
 class Dispatcher:
@@ -338,12 +338,12 @@ class Dispatcher:
                 return
             done = StepRun(job.step, step, job.phase, result, verdict(step, result))
             run.runs.append(done)
+            if done.state == "failed" or job.step + 1 == len(plan.steps):
+                return  # journaled with the verdict: one commit, not two (see _report)
             await self.journal.step_ended(job.key, job.step, done.state, done.verdict.reason)
-            if plan.form != "native":
+            if plan.reports_steps:
                 log.info("step finished %s state=%s reason=%s", job.where, done.state,
                          done.verdict.reason)
-            if done.state == "failed":
-                return
             job.step, job.phase = job.step + 1, "run"
         job.step = min(job.step, len(plan.steps) - 1)  # the last step that ran, for the logs
 
@@ -386,14 +386,16 @@ class Dispatcher:
                 "handler finished %s outcome=%s reason=%s duration=%.1fs status=%s", job.where,
                 last.result.outcome if last else "none", details.get("reason", ""),
                 last.result.duration if last else 0.0, status)
-        await self._conclude(job.key, job.reporter, status, details)
+        step = (last.index, last.state, last.verdict.reason) if last else None
+        await self._conclude(job.key, job.reporter, status, details, step=step)
         self._done(job)
 
     async def _conclude(self, key: ExecutionKey, reporter: Reporter, status: str,
-                        details: dict[str, str]) -> None:
+                        details: dict[str, str], *,
+                        step: tuple[int, str, str] | None = None) -> None:
         """Commit the verdict with the update that reports it, then deliver it."""
         try:
-            await self.journal.finish(key, status, details)
+            await self.journal.finish(key, status, details, step=step)
         except JournalError as exc:
             # Deliver anyway: the cloud hears the truth now even if this device cannot
             # remember it (a crash before delivery would then report the job interrupted).

@@ -68,7 +68,7 @@ def step_label(plan: Plan, index: int) -> str:
 def progress(plan: Plan, index: int) -> dict[str, str]:
     """The IN_PROGRESS statusDetails that name the running step ({} for the native form, whose
     one step is the whole job)."""
-    if plan.form == "native":
+    if not plan.reports_steps:
         return {}
     return {"step": step_label(plan, index), "stepName": plan.steps[index].name}
 
@@ -103,7 +103,7 @@ def final_report(plan: Plan, run: PlanRun,
     details = status_details(last.result, extra={"reason": reason} if reason else None)
     if last.phase == "verify":
         details["phase"] = "verify after reboot"
-    if plan.form != "native":
+    if plan.reports_steps:
         details.update(progress(plan, last.index))
         if failed is not None:
             details["failedStep"] = step_label(plan, failed.index)

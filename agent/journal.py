@@ -295,16 +295,23 @@ class Journal:
         return [StepRecord(*row) for row in rows]
 
     async def finish(self, key: tuple[str, int], status: str, details: dict[str, str],
-                     *, state: str = "finished") -> None:
-        """The verdict and the update that reports it, committed together."""
+                     *, state: str = "finished",
+                     step: tuple[int, str, str] | None = None) -> None:
+        """The verdict and the update that reports it, committed together; with ``step``
+        (index, state, reason), how the last step ended too, in the same commit."""
         now = self._clock()
-        await self._write(
+        statements: list[tuple[str, tuple[Any, ...]]] = [
             ("UPDATE executions SET state=?, result=?, updated_at=? "
              "WHERE job_id=? AND execution_number=?",
              (state, json.dumps({"status": status, "details": details}), now, *key)),
             ("INSERT INTO outbox (job_id, execution_number, status, details, final, created_at) "
              "VALUES (?,?,?,?,?,?)",
-             (*key, status, json.dumps(details), int(status != "IN_PROGRESS"), now)))
+             (*key, status, json.dumps(details), int(status != "IN_PROGRESS"), now))]
+        if step is not None:
+            statements.append(("UPDATE steps SET state=?, reason=?, updated_at=? WHERE job_id=? "
+                               "AND execution_number=? AND step=?",
+                               (step[1], step[2], now, *key, step[0])))
+        await self._write(*statements)
 
     async def forget(self, key: tuple[str, int]) -> None:
         """Remove an execution that was never claimed (the claim did not go through)."""

@@ -129,7 +129,7 @@ def _interrupted(plan: Plan, index: int) -> str:
     why = {"handler": "the handler is not declared idempotent",
            "command": "a runCommand step is never run twice",
            "program": "a program from PATH is never run twice"}.get(step.kind, "")
-    if plan.form == "native":
+    if len(plan.steps) == 1:
         return ("interrupted: the agent restarted while the handler ran; not run again because "
                 + why)
     return (f"interrupted: the agent restarted while step {index + 1}/{len(plan.steps)} "

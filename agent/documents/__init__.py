@@ -44,12 +44,13 @@ def plan_document(document: Any, config: Config, host: Host | None = None) -> Pl
         raise DocumentError("the job document must be a JSON object like "
                             '{"operation": "<handler>", "args": []}')
     host = host or SystemHost()
-    if "version" in document:
-        return device_client.parse(document, config, host)
     operation = document.get("operation")
+    yaml_handler = isinstance(operation, str) and operation in config.handlers
+    if "steps" in document or ("version" in document and not yaml_handler):
+        return device_client.parse(document, config, host)
     if not isinstance(operation, str) or not operation:
         raise DocumentError('the job document has no "operation" naming a handler (nor '
                             '"version" and "steps", Device Client\'s schema)')
-    if operation in config.handlers:
+    if yaml_handler:  # even with a "version" of its own: the native form came first
         return native.parse(document, config)
     return flat.parse(document, config, host)

@@ -79,6 +79,12 @@ class Plan:
 
     @property
     def device_client(self) -> bool:
+        """Report Device Client's statusDetails keys too (its dashboards read them)."""
+        return self.form != "native"
+
+    @property
+    def reports_steps(self) -> bool:
+        """Name the step in statusDetails and logs. The native form's one step is the job."""
         return self.form != "native"
 
     @property

@@ -171,6 +171,11 @@ def test_any_device_client_document_is_a_plan_or_a_clear_rejection(doc: dict[str
 
 def test_flat_form_naming_a_yaml_handler_is_the_native_form() -> None:
     assert plan({"operation": "reboot", "path": "default"}).form == "native"
+    # a native document may carry a "version" of its own; "steps" make it Device Client's
+    assert plan({"operation": "reboot", "version": "2"}).form == "native"
+    assert plan({"operation": "reboot", "version": "1.0", "steps": [
+        {"action": handler()}]}).form == "device-client"
+    assert "is not supported" in rejected({"operation": "nope", "version": "2"})
 
 
 def test_flat_form_runs_the_script_with_device_client_argv() -> None:

@@ -66,6 +66,8 @@ def test_steps_count_their_own_starts_and_go_with_their_execution(tmp_path: Path
         await j.step_ended(key, 0, "ignored", "exit code 1")
         await j.started(key, 1, "Reboot", "boot-a")
         await j.started(key, 1, "Reboot", "boot-b")  # run again after a crash
+        await j.started(key, 2, "Last", "boot-b")
+        await j.finish(key, "FAILED", {"reason": "exit code 2"}, step=(2, "failed", "exit 2"))
         record, steps = await j.get(key), await j.steps(key)
         await j.forget(key)
         gone = await j.steps(key)
@@ -78,9 +80,10 @@ def test_steps_count_their_own_starts_and_go_with_their_execution(tmp_path: Path
         return record, steps, gone, pruned, left
 
     record, steps, gone, pruned, left = run(body())
-    assert (record.state, record.attempts, record.boot_id) == ("running", 3, "boot-b")
+    assert (record.state, record.attempts, record.boot_id) == ("finished", 4, "boot-b")
     assert [(s.step, s.name, s.state, s.attempts, s.reason) for s in steps] == [
-        (0, "Install", "ignored", 1, "exit code 1"), (1, "Reboot", "running", 2, None)]
+        (0, "Install", "ignored", 1, "exit code 1"), (1, "Reboot", "running", 2, None),
+        (2, "Last", "failed", 1, "exit 2")]
     assert gone == [] and pruned == [("j2", 1)] and left == []
 
 
