@@ -363,9 +363,11 @@ class Dispatcher:
 
     async def _stop_when_gone(self, job: RunningJob) -> None:
         await job.reporter.gone.wait()
-        if job.process is not None and job.process.running:
-            log.warning("stopping handler: execution ended in the cloud %s reason=%s", job.where,
-                        job.reporter.gone_reason)
+        # Also a step about to start (it then never spawns); no next step starts after this.
+        if job.process is not None:
+            if job.process.running:
+                log.warning("stopping handler: execution ended in the cloud %s reason=%s",
+                            job.where, job.reporter.gone_reason)
             await job.process.cancel(f"canceled in the cloud ({job.reporter.gone_reason})")
 
     async def _report(self, job: RunningJob, run: PlanRun) -> None:

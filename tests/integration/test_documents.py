@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Thing
-from tests.integration.agent_harness import AgentProcess, write_handler
+from tests.integration.agent_harness import AgentProcess, live_group_members, write_handler
 from tests.integration.test_faults import wait_for
 
 pytestmark = pytest.mark.broker
@@ -205,3 +205,22 @@ def test_kill9_during_a_command_step_fails_it(thing: Thing, tmp_path: Path) -> N
         "interrupted: the agent restarted while step 2/3 (Nap) ran; not run again because a "
         "runCommand step is never run twice")
     assert runs_of(runs) == ["first"]
+
+
+def test_cancel_during_a_plan_stops_the_step_and_runs_no_other(thing: Thing,
+                                                                tmp_path: Path) -> None:
+    agent, runs = dc_agent(thing, tmp_path)
+    doc = {"version": "1.0", "steps": [step("Gate", "gate.sh"), step("After", "record.sh", "x")],
+           "finalStep": step("Final", "record.sh", "final")}
+    with agent:
+        agent.wait_ready()
+        thing.emulator.create_job(thing.j("cancel"), [thing.name], doc)
+        wait_for(lambda: (tmp_path / "pid").exists(), what="step 1")
+        thing.emulator.cancel_job(thing.j("cancel"), force=True)
+        agent.wait_log("no status sent")
+        pid = int((tmp_path / "pid").read_text())
+        assert live_group_members(pid) == []
+        (tmp_path / "gate").touch()
+        assert agent.stop() == 0
+    assert runs_of(runs) == ["gate"]
+    assert thing.emulator.execution(thing.j("cancel"), thing.name)["status"] == "CANCELED"
