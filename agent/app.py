@@ -86,7 +86,10 @@ class Agent:
         await self._stop.wait()
         log.info("stopping: no new jobs; running=%d grace=%.0fs", len(dispatcher.running),
                  self.config.shutdown_grace)
-        self.notifier.stopping(f"stopping, {len(dispatcher.running)} job(s) running")
+        if self._restart:
+            self.notifier.reloading("restarting, as a job asked")
+        else:
+            self.notifier.stopping(f"stopping, {len(dispatcher.running)} job(s) running")
         await dispatcher.shutdown(self.config.shutdown_grace, self._force)
         for task in self._tasks:
             task.cancel()

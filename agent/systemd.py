@@ -137,6 +137,11 @@ class Notifier:
         """Shutdown has begun, so systemd shows "deactivating" instead of a silent wait."""
         return self._send("STOPPING=1", status=status)
 
+    def reloading(self, status: str = "restarting") -> bool:
+        """The agent restarts in place (a job asked for it): systemd shows "reloading" and waits
+        for the next ``READY=1`` rather than for the process to exit, as STOPPING=1 would."""
+        return self._send("RELOADING=1", status=status)
+
     def watchdog(self) -> bool:
         """Ping the watchdog unless it was pinged less than ``interval / 2`` ago; True if sent.
 

@@ -24,7 +24,7 @@ from agent.sandbox.stack import Stack
 from agent.sandbox.standins import StandIns
 from agent.sandbox.templates import TEMPLATES
 from tests.conftest import Thing, Web
-from tests.integration.agent_harness import AgentProcess
+from tests.integration.agent_harness import AgentProcess, NotifySocket
 from tests.integration.test_boto3_referee import README, _user_env, sandbox_client
 
 pytestmark = pytest.mark.broker
@@ -262,7 +262,11 @@ def test_reboot_template_with_the_stand_in(iot: Any, thing: Thing, tmp_path: Pat
 
 
 def test_restart_the_agent_itself(iot: Any, thing: Thing, tmp_path: Path) -> None:
-    agent, stand_ins = sandboxed_agent(thing, tmp_path)
+    settings = sandbox_settings(tmp_path / "sandbox")
+    systemd = NotifySocket(tmp_path / "notify")
+    agent = AgentProcess(thing.stack, thing.name, tmp_path / "agent", settings.pop("handlers"),
+                         notify_socket=systemd.path, **settings)
+    stand_ins = StandIns(tmp_path / "sandbox" / "stand-ins")
     with agent:
         agent.wait_ready()
         assert agent.process is not None
@@ -274,6 +278,12 @@ def test_restart_the_agent_itself(iot: Any, thing: Thing, tmp_path: Path) -> Non
         assert agent.process.pid == pid and agent.process.poll() is None
         assert agent.log().count("ready thing=") == 2  # the agent restarted, once
         assert agent.stop() == 0
+    systemd.collect_until("STOPPING=1")  # everything up to the final stop
+    systemd.close()
+    # systemd sees a reload of the same process, not a stop it would end with SIGKILL
+    kinds = [m.split("\n")[0] for m in systemd.messages if not m.startswith(("STATUS=",
+                                                                              "WATCHDOG"))]
+    assert kinds == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"], systemd.messages
     assert execution["status"] == "SUCCEEDED", execution
     assert execution["statusDetails"] == {"reason": "the agent restarted as the step asked",
                                           "step": "restarted"}

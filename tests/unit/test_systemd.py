@@ -171,12 +171,14 @@ def test_notifier_ready_status_stopping(listener: Listener) -> None:
     assert n.status("two\nlines") is True  # a newline cannot smuggle in another assignment
     assert n.status("connected") is True
     assert n.stopping("stopping: 1 job running") is True
+    assert n.reloading("restarting, as a job asked") is True
     assert listener.received() == [
         b"READY=1\nSTATUS=connecting",
         b"STATUS=connected",
         b"STATUS=two lines",
         b"STATUS=connected",
         b"STOPPING=1\nSTATUS=stopping: 1 job running",
+        b"RELOADING=1\nSTATUS=restarting, as a job asked",
     ]
 
 
