@@ -27,13 +27,16 @@ from agent.monitor import Monitor
 from agent.reload import reread
 from agent.systemd import Notifier
 
-__all__ = ["Agent"]
+__all__ = ["EXIT_RESTART", "Agent"]
 
 log = logging.getLogger("agent.app")
 
 READY_TIMEOUT = 60.0  # below systemd's default TimeoutStartSec=90s
 REFUSED_POLL = 30.0
 """The safety poll while the broker refuses a notification stream (no doorbell: ask often)."""
+EXIT_RESTART = -1
+"""What :meth:`Agent.serve` returns when a job step asked for the agent to restart itself: the
+caller (``iot-jobs-agent run``) then executes the agent afresh in the same process."""
 
 
 class Agent:
@@ -48,6 +51,7 @@ class Agent:
         self._reload = asyncio.Event()
         self._ready = False  # READY=1 sent: from then on a reload is RELOADING=1 ... READY=1
         self._failed = False
+        self._restart = False
         self._tasks: list[asyncio.Task[None]] = []
 
     def request_stop(self, signum: int | None = None) -> None:
@@ -60,6 +64,10 @@ class Agent:
     def request_reload(self) -> None:
         """SIGHUP: only record it; :meth:`_reloader` does the work on the loop."""
         self._reload.set()
+    def request_restart(self) -> None:
+        """A job step asked for the agent to restart: stop as on SIGTERM, then start again."""
+        self._restart = True
+        self._stop.set()
 
     async def serve(self) -> int:
         self._prepare_state_dir()
@@ -79,7 +87,8 @@ class Agent:
                           pid=os.getpid())
         dispatcher = Dispatcher(self.config, jobs, journal, job_logs=job_logs,
                                 on_change=lambda: self._status(dispatcher, monitor),
-                                on_outcome=monitor.on_outcome)
+                                on_outcome=monitor.on_outcome,
+                                on_restart=self.request_restart)
         monitor.attach(dispatcher)
         monitor.changed()
         jobs.open_streams(self.config.thing_name)
@@ -101,7 +110,10 @@ class Agent:
         await self._stop.wait()
         log.info("stopping: no new jobs; running=%d grace=%.0fs", len(dispatcher.running),
                  self.config.shutdown_grace)
-        self.notifier.stopping(f"stopping, {len(dispatcher.running)} job(s) running")
+        if self._restart:
+            self.notifier.reloading("restarting, as a job asked")
+        else:
+            self.notifier.stopping(f"stopping, {len(dispatcher.running)} job(s) running")
         monitor.set_phase("stopping")
         await dispatcher.shutdown(self.config.shutdown_grace, self._force)
         for task in self._tasks:
@@ -113,7 +125,9 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")
-        return 1 if self._failed else 0
+        if self._failed:
+            return 1
+        return EXIT_RESTART if self._restart else 0
 
     # ------------------------------------------------------------------ helpers
 

@@ -101,13 +101,21 @@ async def _pending(config: Config) -> dict[str, object]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    from agent.app import run_agent  # after the config: a config error needs none of it
+    # Imported after the config: a config error needs none of it.
+    from agent.app import EXIT_RESTART, run_agent
 
     faulthandler.enable()  # a watchdog SIGABRT then shows where the loop was stuck
 
     level = "DEBUG" if args.verbose > 1 else config.log_level
     configure_logging(level, json_lines=config.log_format == "json")
-    return asyncio.run(run_agent(config))
+    code = asyncio.run(run_agent(config))
+    if code == EXIT_RESTART:  # a job step asked for it: the same command, in the same process
+        command = [sys.executable, "-m", "agent", *sys.argv[1:]]
+        logging.getLogger("agent.app").info("restarting: %s", " ".join(command))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, command)
+    return code
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

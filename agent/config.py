@@ -16,6 +16,7 @@ import dataclasses
 import os
 import pwd
 import re
+import shutil
 import stat
 import types
 import typing
@@ -30,10 +31,14 @@ from agent.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "SAFE_PATH",
+    "SHIPPED_HANDLERS",
     "Config",
     "HandlerConfig",
     "MqttConfig",
+    "RunCommandConfig",
     "check_files",
+    "handler_directory_problem",
     "handler_program_problem",
     "load_checked",
     "load_config",
@@ -41,6 +46,10 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/iot-jobs-agent/config.yaml")
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""The PATH every handler and command starts with, and where bare program names are looked up."""
+SHIPPED_HANDLERS = Path(__file__).resolve().parent / "handlers"
+"""The handlers the package installs (package data): Device Client's managed-template scripts."""
 
 _THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
@@ -169,6 +178,42 @@ def _log_format(value: object) -> str:
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def _programs(value: object) -> tuple[str, ...]:
+    """run_command.allow: program names (looked up on PATH), absolute paths, or "*"."""
+    if not isinstance(value, list) or not all(isinstance(a, str) and a for a in value):
+        raise ValueError('expected a list of program names or absolute paths, or ["*"]')
+    for item in value:
+        if "\0" in item or ("/" in item and not item.startswith("/")):
+            raise ValueError(f"{item!r}: write a program name (found on PATH) or an absolute "
+                             "path")
+    return tuple(value)
+
+
+def _users(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of user names, got {_kind(value)}")
+    return tuple(_user(item) for item in value)
+
+
+def _directories(value: object) -> tuple[Path, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, str) and d for d in value):
+        raise ValueError("expected a list of directories")
+    return tuple(Path(d) for d in value)
+
+
+def _facts(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of fact: value, got {_kind(value)}")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{key!r} is not a fact name")
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise ValueError(f"{key}: expected a string, got {_kind(item)}")
+        out[key] = str(item)
+    return out
+
+
 @dataclass(frozen=True)
 class HandlerConfig:
     """One program the agent may run; a job's ``operation`` names it."""
@@ -191,6 +236,25 @@ class HandlerConfig:
     @property
     def program(self) -> Path:
         return Path(self.command[0])
+
+
+@dataclass(frozen=True)
+class RunCommandConfig:
+    """What a ``runCommand`` step (AWS-Run-Command, Device Client documents) may start.
+
+    Nothing by default: a job document comes from the network and the agent runs as root, so
+    each program is an explicit choice, and ``["*"]`` (AWS-Run-Command's full power) is one too.
+    """
+
+    allow: tuple[str, ...] = _setting(
+        'programs a runCommand step may start: names (looked up on PATH) or absolute paths; '
+        '["*"] allows any program. Also the bare handler names a runHandler step may take from '
+        "PATH", default=(), parse=_programs)
+    users: tuple[str, ...] = _setting(
+        "users a runCommand step's runAsUser may name (the agent switches user itself, never "
+        "through sudo); the agent's own user is always allowed", default=(), parse=_users)
+    timeout: float = _setting("longest run of a runCommand step", default=3600.0,
+                              parse=parse_duration)
 
 
 @dataclass(frozen=True)
@@ -219,6 +283,23 @@ class Config:
                                 default=30 * 86400.0, parse=parse_duration)
     max_records: int = _setting("finished jobs kept in the journal at most", default=10000,
                                 parse=_positive_int)
+    handler_dir: Path = _setting(
+        "where Device Client style handler scripts live (a runHandler step whose path is "
+        "\"default\" or empty); default: the handlers shipped with the package",
+        default=SHIPPED_HANDLERS)
+    handler_paths: tuple[Path, ...] = _setting(
+        "other directories a job document's runHandler path may name; any other path is "
+        "REJECTED", default=(), parse=_directories)
+    handler_timeout: float = _setting("longest run of a handler_dir (or handler_paths) script",
+                                      default=3600.0, parse=parse_duration)
+    handler_environment: dict[str, str] = _setting(
+        "extra environment variables for steps without a YAML handler (handler_dir scripts, "
+        "runCommand)", default_factory=dict, parse=_environment)
+    run_command: RunCommandConfig = _setting("what runCommand steps may run",
+                                             default_factory=RunCommandConfig)
+    device_facts: dict[str, str] = _setting(
+        "facts about this device that job document conditions are checked against",
+        default_factory=dict, parse=_facts)
     reboot_command: tuple[str, ...] = _setting(
         "what runs when a handler asks for a reboot (exit code 194)",
         default=("/usr/bin/systemctl", "reboot"), parse=_command)
@@ -257,6 +338,9 @@ class _Lines:
                 sub = (*path, str(key.value))
                 self._walk(value, sub)
                 self._lines[(*sub, "<key>")] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._walk(item, (*path, str(index)))
 
     def key(self, path: tuple[str, ...]) -> int:
         return self._lines.get((*path, "<key>")) or self.value(path)
@@ -427,7 +511,9 @@ def load_config(path: Path | str) -> Config:
     )
     metrics = base / config.metrics_file if config.metrics_file is not None else None
     return dataclasses.replace(config, mqtt=resolved, state_dir=base / config.state_dir,
-                               metrics_file=metrics, source=path)
+                               metrics_file=metrics, handler_dir=base / config.handler_dir,
+                               handler_paths=tuple(base / d for d in config.handler_paths),
+                               source=path)
 
 
 def load_checked(path: Path | str) -> Config:
@@ -451,11 +537,14 @@ def check_files(config: Config) -> list[str]:
     """
     lines = _source_lines(config)
 
-    def report(path: tuple[str, ...], message: str) -> None:
+    def report(path: tuple[str | int, ...], message: str) -> None:
+        """``path`` names the setting; an int is an index into a list (``allow[2]``)."""
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
         if config.source is None:
-            problems.append(f"{'.'.join(path)}: {message}")
+            problems.append(f"{where}: {message}")
         else:
-            problems.append(f"{config.source}:{lines.value(path)}: {'.'.join(path)}: {message}")
+            line = lines.value(tuple(str(p) for p in path))
+            problems.append(f"{config.source}:{line}: {where}: {message}")
 
     problems: list[str] = []
     mqtt = config.mqtt
@@ -481,7 +570,53 @@ def check_files(config: Config) -> list[str]:
                 if os.geteuid() != 0 and pwd.getpwnam(handler.user).pw_uid != os.geteuid():
                     report(("handlers", name, "user"),
                            f"running handlers as {handler.user!r} needs the agent to run as root")
+    _check_documents(config, report)
     return problems
+
+
+def _check_documents(config: Config,
+                     report: Callable[[tuple[str | int, ...], str], None]) -> None:
+    """The settings Device Client documents and managed templates depend on."""
+    directories: list[tuple[tuple[str | int, ...], Path]] = [(("handler_dir",),
+                                                             config.handler_dir)]
+    directories += [(("handler_paths", i), d) for i, d in enumerate(config.handler_paths)]
+    for where, directory in directories:
+        problem = handler_directory_problem(directory)
+        if problem:
+            report(where, problem)
+    search = config.handler_environment.get("PATH", SAFE_PATH)
+    for i, program in enumerate(config.run_command.allow):
+        if program == "*":
+            continue
+        found = program if program.startswith("/") else shutil.which(program, path=search)
+        if found is None or not os.access(found, os.X_OK) or os.path.isdir(found):
+            hint = "install it or fix the path" if program.startswith("/") else \
+                f"install it, or write its absolute path (PATH is {search})"
+            report(("run_command", "allow", i),
+                   f"program {program!r} is not found on this device: {hint}")
+    for i, user in enumerate(config.run_command.users):
+        where: tuple[str | int, ...] = ("run_command", "users", i)
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            report(where, f"no such user {user!r}: create it or remove it from the list")
+            continue
+        if os.geteuid() != 0 and entry.pw_uid != os.geteuid():
+            report(where, f"running commands as {user!r} needs the agent to run as root")
+
+
+def handler_directory_problem(directory: Path) -> str | None:
+    """Why scripts in ``directory`` must not be run (None if they may): anyone who can add or
+    replace a file there can run code as the agent."""
+    try:
+        info = directory.stat()
+    except FileNotFoundError:
+        return f"directory {directory} does not exist: create it or fix the path"
+    except OSError as exc:
+        return f"directory {directory} cannot be checked: {exc.strerror}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{directory} is not a directory"
+    return _tamper_problem("directory", directory, info, sticky_ok=False)
 
 
 def handler_program_problem(program: Path) -> str | None:
@@ -500,16 +635,25 @@ def handler_program_problem(program: Path) -> str | None:
         return f"handler program {program} is not a regular file"
     if not os.access(program, os.X_OK):
         return f"handler program {program} is not executable: run `chmod 755 {program}`"
-    trusted = {0, os.geteuid()}
     for path, info in ((program, st), (program.parent, program.parent.stat())):
         kind = "handler program" if path == program else "directory of handler program"
-        if info.st_uid not in trusted:
-            return (f"{kind} {path} is owned by uid {info.st_uid}, not root or the agent's user: "
-                    f"run `chown root {path}`")
-        sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
-        if info.st_mode & 0o022 and not sticky:
-            return (f"{kind} {path} is writable by group or others "
-                    f"(mode {stat.S_IMODE(info.st_mode):04o}): run `chmod go-w {path}`")
+        problem = _tamper_problem(kind, path, info, sticky_ok=True)
+        if problem:
+            return problem
+    return None
+
+
+def _tamper_problem(kind: str, path: Path, info: os.stat_result, *,
+                    sticky_ok: bool) -> str | None:
+    """Owned by root or the agent's user and writable by nobody else (a sticky directory such
+    as /tmp lets nobody replace another user's file, so it may be group/other-writable)."""
+    if info.st_uid not in {0, os.geteuid()}:
+        return (f"{kind} {path} is owned by uid {info.st_uid}, not root or the agent's user: "
+                f"run `chown root {path}`")
+    sticky = sticky_ok and stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+    if info.st_mode & 0o022 and not sticky:
+        return (f"{kind} {path} is writable by group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}): run `chmod go-w {path}`")
     return None
 
 

@@ -12,16 +12,20 @@ Claiming is isolated per execution: a failure that belongs to one execution (its
 cannot be read) ends that execution REJECTED and the sync moves on; only a failure of the
 thing's own channel (no answer to anything) fails the sync, which is then retried whole.
 
-Each step is committed to the journal before it happens (claim, spawn, reboot), and each status
-that matters is committed to the outbox before it is sent; :meth:`_recover` reads them back after
-a crash or a reboot and finishes what was started, honestly (see :mod:`agent.recovery`).
+A job's document becomes a plan of steps (:mod:`agent.documents`) before it is claimed; the
+steps run one after the other (:mod:`agent.execution` decides what each step's end means), and
+the dispatcher never asks which form the document came in.
+
+Each step is committed to the journal before it happens (claim, spawn of each step, reboot), and
+each status that matters is committed to the outbox before it is sent; :meth:`_recover` reads
+them back after a crash or a reboot and finishes what was started, honestly (see
+:mod:`agent.recovery`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +36,7 @@ from typing import Any
 from agent import claims
 from agent.claims import InProgress, Queued, Trouble
 from agent.config import Config
+from agent.documents import DocumentError, Plan, Verdict, plan_document, plan_job
 from agent.errors import (
     AgentError,
     ConflictException,
@@ -42,12 +47,13 @@ from agent.errors import (
     ResourceNotFoundException,
     TerminalStateException,
 )
+from agent.execution import PlanRun, StepRun, final_report, handoff, progress, step_label, verdict
 from agent.jobs import JobsClient
 from agent.journal import Journal, Record
-from agent.lifecycle import DocumentError, ExecutionKey, Work, parse_document, step_timeout_minutes
-from agent.recovery import REBOOT_EXIT_CODE, Machine, plan_recovery
+from agent.lifecycle import ExecutionKey, step_timeout_minutes
+from agent.recovery import Machine, plan_recovery
 from agent.reporter import Reporter, backoff
-from agent.runner import HandlerProcess, RunRequest, RunResult, sanitize_detail, status_details
+from agent.runner import HandlerProcess, RunRequest, RunResult, sanitize_detail
 
 __all__ = ["Dispatcher"]
 
@@ -63,14 +69,15 @@ _UNREADABLE = "the job document could not be read"
 @dataclass
 class RunningJob:
     key: ExecutionKey
-    work: Work
+    plan: Plan
     reporter: Reporter
+    step: int = 0  # the step running now (where the plan starts, until it does)
     phase: str = "run"  # or "verify": the check a handler asked for after its reboot
     process: HandlerProcess | None = None
     task: asyncio.Task[None] | None = None
     interrupted: str | None = None  # set when the agent itself stops the handler
     started: float = field(default_factory=time.monotonic)
-    step: str | None = None  # the latest "step" the handler reported (for `status`)
+    progress_step: str | None = None  # the latest "step" the handler reported (for `status`)
     # The handler has ended: from here on only the reporter's own exchange with the service
     # says whether the cloud ended the execution. The pending list cannot: our own final
     # update removes the execution from it before we hear that the update was accepted.
@@ -78,7 +85,10 @@ class RunningJob:
 
     @property
     def where(self) -> str:
-        return f"job_id={self.key[0]} execution={self.key[1]} handler={self.work.operation}"
+        where = (f"job_id={self.key[0]} execution={self.key[1]} "
+                 f"handler={self.plan.steps[self.step].name}")
+        return f"{where} step={step_label(self.plan, self.step)}" if self.plan.reports_steps \
+            else where
 
 
 class Dispatcher:
@@ -88,7 +98,7 @@ class Dispatcher:
                  job_logs: Path | None = None, machine: Machine | None = None,
                  on_change: Callable[[], None] | None = None,
                  on_outcome: Callable[[ExecutionKey, str, dict[str, str]], None] | None = None,
-                 ) -> None:
+                 on_restart: Callable[[], None] | None = None) -> None:
         self.config = config
         self.jobs = jobs
         self.journal = journal
@@ -112,6 +122,7 @@ class Dispatcher:
         # Observers only (status, metrics): an execution ended with this status and details.
         self._on_outcome = on_outcome or (lambda key, status, details: None)
         self._trouble = Trouble()
+        self._on_restart = on_restart  # a step asked for the agent to restart itself
 
     # ------------------------------------------------------------------ main loop
 
@@ -292,14 +303,14 @@ class Dispatcher:
             await self._end_unrun(key, version, "REJECTED", f"{_UNREADABLE}: {problem}")
             return
         try:
-            work = parse_document(execution.get("jobDocument"), self.config.handlers)
+            plan = plan_job(execution.get("jobDocument"), self.config)
         except DocumentError as exc:
             await self._end_unrun(key, version, "REJECTED", str(exc))
             return
-        step = step_timeout_minutes(work.handler.timeout)
+        step = step_timeout_minutes(plan.timeout)  # the whole plan, not one step of it
         queued_at = execution.get("queuedAt", summary.get("queuedAt"))
         try:
-            await self.journal.claiming(key, work.operation, work.document, version, step,
+            await self.journal.claiming(key, plan.operation, plan.document, version, step,
                                         queued_at=queued_at)
         except JournalError as exc:
             self._refuse(str(exc))
@@ -310,7 +321,7 @@ class Dispatcher:
         try:
             reply = await self.jobs.update_job_execution(
                 jobId=job_id, thingName=self.thing, status="IN_PROGRESS",
-                statusDetails={"step": "starting", "handler": work.operation},
+                statusDetails={"step": "starting", "handler": plan.operation},
                 expectedVersion=version, executionNumber=number, stepTimeoutInMinutes=step,
                 includeJobExecutionState=True)
         except ConflictException:
@@ -333,9 +344,9 @@ class Dispatcher:
         # Asked for, but a reply without it still means "accepted": one version further.
         new_version = state["versionNumber"] if state else version + 1
         await self.journal.update(key, version=new_version)  # "running" once spawned
-        self._launch(key, work, new_version, step)
-        log.info("job claimed job_id=%s execution=%d handler=%s step_timeout=%dm", job_id,
-                 number, work.operation, step)
+        self._launch(key, plan, new_version, step)
+        log.info("job claimed job_id=%s execution=%d handler=%s form=%s step_timeout=%dm",
+                 job_id, number, plan.operation, plan.form, step)
 
     async def _describe_failed(self, summary: dict[str, Any], exc: AgentError) -> None:
         """The describe with the document got an unreadable reply, or none (awscrt drops a
@@ -389,12 +400,12 @@ class Dispatcher:
             await self.journal.forget(key)  # not applied: claim it afresh
             self._wake.set()
         elif status == "IN_PROGRESS" and version is not None:
-            work = parse_document_record(record, self.config)
-            if work is None:
+            plan = self._plan_of(record)
+            if isinstance(plan, str):
                 await self.journal.done(key)
                 return
             await self.journal.update(key, version=version)
-            self._launch(key, work, version, record.step_minutes)
+            self._launch(key, plan, version, record.step_minutes)
             log.info("claim confirmed job_id=%s execution=%d", *key)
         else:
             await self.journal.done(key)  # ended in the cloud meanwhile
@@ -403,40 +414,41 @@ class Dispatcher:
         return Reporter(self.jobs, self.thing, key[0], key[1], version, step_minutes=step,
                         progress_interval=self.config.progress_interval, journal=self.journal)
 
-    def _launch(self, key: ExecutionKey, work: Work, version: int, step: int, *,
-                phase: str = "run") -> None:
-        job = RunningJob(key, work, self._reporter(key, version, step), phase=phase)
+    def _launch(self, key: ExecutionKey, plan: Plan, version: int, step_minutes: int, *,
+                start: int = 0, phase: str = "run") -> None:
+        job = RunningJob(key, plan, self._reporter(key, version, step_minutes), step=start,
+                         phase=phase)
         self.running[key] = job
         job.task = asyncio.create_task(self._run(job), name=f"job:{key[0]}:{key[1]}")
 
+    def _plan_of(self, record: Record) -> Plan | str:
+        """The plan of a journaled execution under today's config, or why there is none."""
+        try:
+            return plan_document(record.document, self.config)
+        except DocumentError as exc:
+            return str(exc)
+
     def _request(self, job: RunningJob) -> RunRequest:
         job_id, number = job.key
-        handler = job.work.handler
-        argv = job.work.argv if job.phase == "run" else [*(handler.verify or ()), *job.work.args]
+        step = job.plan.steps[job.step]
+        argv = step.argv if job.phase == "run" else (step.verify or ())
         stem = f"{job_id}.{number}"
         return RunRequest(
-            job_id=job_id, execution_number=number, thing_name=self.thing, argv=argv,
-            document=job.work.document, work_dir=self._work_dir(stem),
-            log_path=self._log_path(stem), timeout=handler.timeout,
-            kill_grace=self.config.kill_grace, user=handler.user,
-            environment={**handler.environment, "JOB_PHASE": job.phase})
+            job_id=job_id, execution_number=number, thing_name=self.thing, argv=list(argv),
+            document=job.plan.document, work_dir=self._work_dir(stem),
+            log_path=self._log_path(stem), timeout=step.timeout,
+            kill_grace=self.config.kill_grace, user=step.user,
+            environment={**step.environment, "JOB_PHASE": job.phase,
+                         "JOB_STEP": step_label(job.plan, job.step), "JOB_STEP_NAME": step.name,
+                         "IOT_JOBS_AGENT_SERVICE": self.machine.own_service()})
 
     async def _run(self, job: RunningJob) -> None:
         reporter = job.reporter
         heartbeat = asyncio.create_task(reporter.run(), name=f"report:{job.key[0]}")
-        watcher: asyncio.Task[None] | None = None
+        watcher = asyncio.create_task(self._stop_when_gone(job))
+        run = PlanRun()
         try:
-            job.process = HandlerProcess(self._request(job),
-                                         on_progress=lambda d: self._progress(job, d))
-            # Committed before the spawn: a crash from here on reads "may have started".
-            await self.journal.started(job.key, None, None, self.machine.boot_id())
-            await job.process.start()
-            pid = job.process.pid
-            await self.journal.update(job.key, pid=pid, pid_start=self.machine.start_time(pid))
-            log.info("handler started %s phase=%s pid=%s", job.where, job.phase, pid)
-            self._on_change()
-            watcher = asyncio.create_task(self._stop_when_gone(job))
-            result = await job.process.wait()
+            await self._run_plan(job, run)
         except Exception as exc:  # a bug or a journal failure must not strand the job
             log.exception("agent error while running %s", job.where)
             if job.process is not None and job.process.running:
@@ -444,59 +456,103 @@ class Dispatcher:
             result = RunResult(outcome="failed", reason=f"agent error: {type(exc).__name__}",
                                exit_code=None, signal=None, pid=None, duration=0.0,
                                output_head="", output_tail="", output_bytes=0)
+            run.runs.append(StepRun(job.step, job.plan.steps[job.step], job.phase, result,
+                                    Verdict(False, result.reason)))
         finally:
             job.concluding = True
             heartbeat.cancel()
-            if watcher is not None:
-                watcher.cancel()
+            watcher.cancel()
             reporter.close()
         try:
-            await self._report(job, result)
+            await self._report(job, run)
         except Exception:  # e.g. the journal became unwritable: never leave a job "running"
             log.exception("could not report %s; the outbox or the next start will", job.where)
             self._done(job)
 
-    def _progress(self, job: RunningJob, details: dict[str, str]) -> None:
-        job.reporter.progress(details)
-        if details.get("step") and details["step"] != job.step:
-            job.step = details["step"]
-            self._on_change()
+    async def _run_plan(self, job: RunningJob, run: PlanRun) -> None:
+        """The steps from ``job.step`` on, in order, until one fails or hands over."""
+        plan = job.plan
+        while job.step < len(plan.steps) and not job.interrupted \
+                and not job.reporter.gone.is_set():
+            step = plan.steps[job.step]
+            keys = progress(plan, job.step)
+            if keys:
+                job.reporter.progress(keys)
+            result = await self._run_step(job, keys)
+            asked = handoff(step, job.phase, result, job.interrupted is not None)
+            if asked is not None:
+                run.runs.append(StepRun(job.step, step, job.phase, result,
+                                        Verdict(True, result.reason)))
+                run.handoff = asked
+                return
+            done = StepRun(job.step, step, job.phase, result, verdict(step, result))
+            run.runs.append(done)
+            if done.state == "failed" or job.step + 1 == len(plan.steps):
+                return  # journaled with the verdict: one commit, not two (see _report)
+            await self.journal.step_ended(job.key, job.step, done.state, done.verdict.reason)
+            if plan.reports_steps:
+                log.info("step finished %s state=%s reason=%s", job.where, done.state,
+                         done.verdict.reason)
+            job.step, job.phase = job.step + 1, "run"
+        job.step = min(job.step, len(plan.steps) - 1)  # the last step that ran, for the logs
+
+    async def _run_step(self, job: RunningJob, keys: dict[str, str]) -> RunResult:
+        def report(values: dict[str, str]) -> None:  # the plan names the step, not the handler
+            job.reporter.progress({**values, **keys})
+            if values.get("step") and values["step"] != job.progress_step:
+                job.progress_step = values["step"]  # what `status` shows
+                self._on_change()
+
+        step = job.plan.steps[job.step]
+        job.process = HandlerProcess(self._request(job), on_progress=report)
+        # Committed before the spawn: a crash from here on reads "may have started".
+        await self.journal.started(job.key, job.step, step.name, self.machine.boot_id())
+        await job.process.start()
+        pid = job.process.pid
+        await self.journal.update(job.key, pid=pid, pid_start=self.machine.start_time(pid))
+        log.info("handler started %s phase=%s pid=%s", job.where, job.phase, pid)
+        self._on_change()
+        return await job.process.wait()
 
     async def _stop_when_gone(self, job: RunningJob) -> None:
         await job.reporter.gone.wait()
-        if job.process is not None and job.process.running:
-            log.warning("stopping handler: execution ended in the cloud %s reason=%s", job.where,
-                        job.reporter.gone_reason)
+        # Also a step about to start (it then never spawns); no next step starts after this.
+        if job.process is not None:
+            if job.process.running:
+                log.warning("stopping handler: execution ended in the cloud %s reason=%s",
+                            job.where, job.reporter.gone_reason)
             await job.process.cancel(f"canceled in the cloud ({job.reporter.gone_reason})")
 
-    async def _report(self, job: RunningJob, result: RunResult) -> None:
+    async def _report(self, job: RunningJob, run: PlanRun) -> None:
         if job.reporter.gone.is_set():
-            log.info("handler stopped after cancellation %s outcome=%s; no status sent",
-                     job.where, result.outcome)
+            log.info("handler stopped after cancellation %s; no status sent", job.where)
             self._on_outcome(job.key, "CANCELED", {"reason": job.reporter.gone_reason})
             await self._forget_safely(job.key)
             self._done(job)
             return
-        if job.phase == "run" and result.exit_code == REBOOT_EXIT_CODE and not job.interrupted:
-            await self._reboot(job, result)
+        if run.handoff == "reboot":
+            await self._reboot(job)
             return
-        status = "SUCCEEDED" if result.outcome == "succeeded" else "FAILED"
-        extra = {"reason": f"interrupted: {job.interrupted}"} if job.interrupted else None
-        details = status_details(result, extra=extra)
-        if job.phase == "verify":
-            details["phase"] = "verify after reboot"
+        if run.handoff == "restart":
+            await self._restart(job)
+            return
+        status, details = final_report(job.plan, run, job.interrupted)
+        last = run.last
         log.log(logging.INFO if status == "SUCCEEDED" else logging.WARNING,
                 "handler finished %s outcome=%s reason=%s duration=%.1fs status=%s", job.where,
-                result.outcome, details.get("reason", ""), result.duration, status)
-        await self._conclude(job.key, job.reporter, status, details)
+                last.result.outcome if last else "none", details.get("reason", ""),
+                last.result.duration if last else 0.0, status)
+        step = (last.index, last.state, last.verdict.reason) if last else None
+        await self._conclude(job.key, job.reporter, status, details, step=step)
         self._done(job)
 
     async def _conclude(self, key: ExecutionKey, reporter: Reporter, status: str,
-                        details: dict[str, str]) -> None:
+                        details: dict[str, str], *,
+                        step: tuple[int, str, str] | None = None) -> None:
         """Commit the verdict with the update that reports it, then deliver it."""
         self._on_outcome(key, status, details)
         try:
-            await self.journal.finish(key, status, details)
+            await self.journal.finish(key, status, details, step=step)
         except JournalError as exc:
             # Deliver anyway: the cloud hears the truth now even if this device cannot
             # remember it (a crash before delivery would then report the job interrupted).
@@ -534,11 +590,11 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ reboot
 
-    async def _reboot(self, job: RunningJob, result: RunResult) -> None:
-        """The handler asked for a reboot: say so, make sure the cloud heard it, then reboot."""
-        log.info("handler asked for a reboot %s; reporting 'rebooting' first", job.where)
-        details = {"step": "rebooting", "handler": job.work.operation}
-        await self.journal.finish(job.key, "IN_PROGRESS", details, state="rebooting")
+    async def _hand_over(self, job: RunningJob, state: str, step: str) -> bool:
+        """Journal that the job waits for a reboot or a restart of the agent, and make sure
+        the cloud heard "IN_PROGRESS <step>" first. False if the cloud ended the job."""
+        details = {"step": step, "handler": job.plan.steps[job.step].name}
+        await self.journal.finish(job.key, "IN_PROGRESS", details, state=state)
         self.running.pop(job.key, None)
         # Busy until the reboot happens or fails and is reported: a sync meanwhile must not
         # take the journal's record for one of another execution under the same key.
@@ -546,9 +602,21 @@ class Dispatcher:
         try:
             while not await job.reporter.deliver():  # retries until accepted or gone
                 if job.reporter.gone.is_set():
-                    log.warning("job ended in the cloud before the reboot %s; not rebooting",
-                                job.where)
-                    return
+                    log.warning("job ended in the cloud before the %s %s; not doing it",
+                                step, job.where)
+                    self.delivering.pop(job.key, None)
+                    return False
+        except BaseException:
+            self.delivering.pop(job.key, None)
+            raise
+        return True  # still "delivering" until the caller has rebooted or restarted
+
+    async def _reboot(self, job: RunningJob) -> None:
+        """The handler asked for a reboot: say so, make sure the cloud heard it, then reboot."""
+        log.info("handler asked for a reboot %s; reporting 'rebooting' first", job.where)
+        if not await self._hand_over(job, "rebooting", "rebooting"):
+            return
+        try:
             outcome = await self.machine.reboot()
             reason = outcome or (f"the device did not reboot within "
                                  f"{self.config.reboot_timeout:.0f}s of the reboot command")
@@ -556,6 +624,21 @@ class Dispatcher:
             await self._conclude(job.key, job.reporter, "FAILED", {"reason": reason})
         finally:
             self.delivering.pop(job.key, None)
+        self._on_change()
+
+    async def _restart(self, job: RunningJob) -> None:
+        """The step asked for the agent itself to be restarted (restart-services.sh naming
+        this agent's service): journal it, make sure the cloud heard it, then restart. The new
+        agent finds the job "restarting" and goes on with the next step: never a loop."""
+        log.info("step asked for the agent to restart %s; reporting it first", job.where)
+        if self._on_restart is None:
+            await self._conclude(job.key, job.reporter, "FAILED", {
+                "reason": "the agent cannot restart itself here"})
+            self._done(job)
+            return
+        if await self._hand_over(job, "restarting", "restarting the agent"):
+            log.warning("restarting the agent as %s asked", job.where)
+            self._on_restart()
         self._on_change()
 
     # ------------------------------------------------------------------ recovery
@@ -566,11 +649,14 @@ class Dispatcher:
             if record.key in self.running:
                 continue
             cloud = await self._cloud_status(record.key, record)
-            action = plan_recovery(record, cloud, self.config, self.machine)
+            plan = self._plan_of(record)
+            steps = await self.journal.steps(record.key)
+            action = plan_recovery(record, cloud, self.config, self.machine, plan,
+                                   steps[-1] if steps else None)
             log.info("recovering job_id=%s execution=%d state=%s cloud=%s cloud_version=%s "
-                     "action=%s", record.job_id, record.execution_number, record.state, cloud[0],
-                     cloud[1], action.kind)
-            await self._apply(record, action)
+                     "action=%s step=%d", record.job_id, record.execution_number, record.state,
+                     cloud[0], cloud[1], action.kind, action.step + 1)
+            await self._apply(record, action, plan)
 
     async def _cloud_status(self, key: ExecutionKey,
                             record: Record | None = None) -> tuple[str, int | None]:
@@ -589,7 +675,7 @@ class Dispatcher:
             return (claims.REPLACED, None)
         return (execution.get("status", "ResourceNotFound"), version)
 
-    async def _apply(self, record: Record, action: Any) -> None:
+    async def _apply(self, record: Record, action: Any, plan: Plan | str) -> None:
         key = record.key
         if action.kill_pid is not None:
             await self.machine.kill_group(action.kill_pid, self.config.kill_grace)
@@ -598,15 +684,13 @@ class Dispatcher:
         elif action.kind == "done":
             await self.journal.done(key)
         elif action.kind in ("run", "verify"):
-            work = parse_document_record(record, self.config)
-            if work is None:
-                details = {"reason": f"handler {record.operation!r} is no longer configured"}
-                self._on_outcome(key, "FAILED", details)
-                await self.journal.finish(key, "FAILED", details)
-                await self._deliver(key, self._reporter(key, action.version, 1))
-                return
+            assert not isinstance(plan, str)  # plan_recovery reports those FAILED
             await self.journal.update(key, version=action.version)
-            self._launch(key, work, action.version, record.step_minutes, phase=action.kind)
+            if action.completed is not None:  # the reboot or restart it asked for happened
+                await self.journal.step_ended(key, action.completed, "succeeded",
+                                              "done, as the step asked: " + record.state)
+            self._launch(key, plan, action.version, record.step_minutes, start=action.step,
+                         phase=action.kind)
         elif action.kind == "report":
             reporter = self._reporter(key, action.version or record.version, record.step_minutes)
             if action.status is not None:
@@ -715,11 +799,3 @@ class Dispatcher:
 
 def summary_key(summary: dict[str, Any]) -> ExecutionKey:
     return (summary["jobId"], summary["executionNumber"])
-
-
-def parse_document_record(record: Record, config: Config) -> Work | None:
-    """The :class:`Work` of a journaled execution, or None if its handler was removed."""
-    try:
-        return parse_document(json.dumps(record.document), config.handlers)
-    except DocumentError:
-        return None

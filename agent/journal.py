@@ -14,7 +14,7 @@ Execution states::
     claiming --> running --> finished --> done
         |           |  ^          ^
         |           v  |          |
-        |       rebooting --------+
+        |     rebooting/restarting+
         +-----------------------------> done   (claim refused / job gone)
 
 An execution in the journal is never claimed again, whatever notifications say. What "an
@@ -24,11 +24,16 @@ deletion (see :mod:`agent.claims`). A record whose execution was deleted and its
 its own ``id``, never touched again by the key-based methods, which all address the current
 (unarchived) row of a key.
 
-Schema 2 (this version) adds ``id``, ``queued_at`` and ``archived_at`` to ``executions`` and
-records in ``meta`` which thing and MQTT endpoint the journal belongs to; a journal of schema 1
-is migrated in place on open (``queued_at`` unknown: NULL). A journal opened for another thing
-or endpoint is moved aside (``journal.db.previous-<time>``) and a new one started: its records
-are about executions that this device's cloud identity never had.
+The ``steps`` table records where an execution's plan stands: one row per step started, keyed
+by the execution's ``id`` (so an archived incarnation keeps its own), with the starts of that
+step (the crash-loop guard counts per step) and how it ended, so a restarted agent resumes a
+plan at the step that was interrupted.
+
+Schema 2 (this version) adds ``id``, ``queued_at`` and ``archived_at`` to ``executions``, the
+``steps`` table, and records in ``meta`` which thing and MQTT endpoint the journal belongs to; a
+journal of schema 1 is migrated in place on open (``queued_at`` unknown: NULL). A journal opened
+for another thing or endpoint is moved aside (``journal.db.previous-<time>``) and a new one
+started: its records are about executions that this device's cloud identity never had.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from typing import Any, TypeVar
 
 from agent.errors import JournalError
 
-__all__ = ["Journal", "OutboxEntry", "Record"]
+__all__ = ["Journal", "OutboxEntry", "Record", "StepRecord"]
 
 log = logging.getLogger("agent.journal")
 
@@ -79,6 +84,17 @@ _INDEXES = (
     "ON executions (job_id, execution_number) WHERE archived_at IS NULL",
     "CREATE INDEX IF NOT EXISTS executions_state ON executions (state, updated_at)",
 )
+_STEPS = """
+CREATE TABLE IF NOT EXISTS steps (
+    execution_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (execution_id, step)
+)"""
 _OUTBOX = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -103,7 +119,9 @@ _MIGRATE_1_TO_2 = (
     *_INDEXES,
 )
 _CURRENT = "job_id=? AND execution_number=? AND archived_at IS NULL"
-OPEN_STATES = ("claiming", "running", "rebooting", "finished")
+# The current incarnation's id, for the steps of ``key`` (parameters: job_id, execution_number).
+_CURRENT_ID = f"(SELECT id FROM executions WHERE {_CURRENT})"
+OPEN_STATES = ("claiming", "running", "rebooting", "restarting", "finished")
 
 
 @dataclass(frozen=True)
@@ -142,6 +160,18 @@ class Record:
     def archived_stem(self) -> str:
         """``<job>.<n>@<id>``: unique per incarnation (job ids never contain ``@``)."""
         return f"{self.job_id}.{self.execution_number}@{self.row_id}"
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of an execution's plan that was started: ``running`` until it ended
+    ``succeeded``, ``failed`` or ``ignored`` (failed with ignoreStepFailure)."""
+
+    step: int
+    name: str
+    state: str
+    attempts: int
+    reason: str | None
 
 
 @dataclass(frozen=True)
@@ -233,7 +263,7 @@ class Journal:
             if version == 1:
                 self._migrate(db)
             else:
-                _transaction(db, [_EXECUTIONS, *_INDEXES, _OUTBOX,
+                _transaction(db, [_EXECUTIONS, *_INDEXES, _STEPS, _OUTBOX,
                                   "INSERT OR IGNORE INTO meta VALUES ('schema', "
                                   f"'{SCHEMA_VERSION}')"])
         except BaseException:
@@ -248,7 +278,7 @@ class Journal:
         healthy journal aside would lose the executions it tracks.
         """
         try:
-            _transaction(db, [*_MIGRATE_1_TO_2, _OUTBOX,
+            _transaction(db, [*_MIGRATE_1_TO_2, _STEPS, _OUTBOX,
                               f"INSERT OR REPLACE INTO meta VALUES ('schema', "
                               f"'{SCHEMA_VERSION}')"])
         except sqlite3.Error as exc:
@@ -358,30 +388,57 @@ class Journal:
         await self._write((f"UPDATE executions SET {sets} WHERE {_CURRENT}",
                            (*fields.values(), *key)))
 
-    async def started(self, key: tuple[str, int], pid: int | None, pid_start: int | None,
+    async def started(self, key: tuple[str, int], step: int, name: str,
                       boot_id: str | None) -> None:
-        """Committed before the handler can do anything that matters (see runner.start)."""
-        await self._write((
-            "UPDATE executions SET state='running', attempts=attempts+1, pid=?, pid_start=?, "
-            f"boot_id=?, updated_at=? WHERE {_CURRENT}",
-            (pid, pid_start, boot_id, self._clock(), *key)))
-
-    async def finish(self, key: tuple[str, int], status: str, details: dict[str, str],
-                     *, state: str = "finished") -> None:
-        """The verdict and the update that reports it, committed together."""
+        """Step ``step`` of the plan is about to start: committed before its program can do
+        anything that matters (see runner.start). Counts a start of the execution and of the
+        step; the pid is recorded once known (:meth:`update`)."""
         now = self._clock()
         await self._write(
+            ("UPDATE executions SET state='running', attempts=attempts+1, pid=NULL, "
+             f"pid_start=NULL, boot_id=?, updated_at=? WHERE {_CURRENT}", (boot_id, now, *key)),
+            ("INSERT INTO steps (execution_id, step, name, state, attempts, updated_at) "
+             f"VALUES ({_CURRENT_ID},?,?,'running',1,?) ON CONFLICT (execution_id, step) DO "
+             "UPDATE SET state='running', attempts=attempts+1, reason=NULL, "
+             "updated_at=excluded.updated_at", (*key, step, name, now)))
+
+    async def step_ended(self, key: tuple[str, int], step: int, state: str,
+                         reason: str) -> None:
+        """How step ``step`` ended: ``succeeded``, ``failed`` or ``ignored``."""
+        await self._write((f"UPDATE steps SET state=?, reason=?, updated_at=? WHERE "
+                           f"execution_id={_CURRENT_ID} AND step=?",
+                           (state, reason, self._clock(), *key, step)))
+
+    async def steps(self, key: tuple[str, int]) -> list[StepRecord]:
+        """The steps of the current execution of ``key`` started so far, in plan order."""
+        rows = await self._query("SELECT step, name, state, attempts, reason FROM steps WHERE "
+                                 f"execution_id={_CURRENT_ID} ORDER BY step", key)
+        return [StepRecord(*row) for row in rows]
+
+    async def finish(self, key: tuple[str, int], status: str, details: dict[str, str],
+                     *, state: str = "finished",
+                     step: tuple[int, str, str] | None = None) -> None:
+        """The verdict and the update that reports it, committed together; with ``step``
+        (index, state, reason), how the last step ended too, in the same commit."""
+        now = self._clock()
+        statements: list[tuple[str, tuple[Any, ...]]] = [
             (f"UPDATE executions SET state=?, result=?, updated_at=? WHERE {_CURRENT}",
              (state, json.dumps({"status": status, "details": details, "finishedAt": now}),
               now, *key)),
             ("INSERT INTO outbox (job_id, execution_number, status, details, final, created_at) "
              "VALUES (?,?,?,?,?,?)",
-             (*key, status, json.dumps(details), int(status != "IN_PROGRESS"), now)))
+             (*key, status, json.dumps(details), int(status != "IN_PROGRESS"), now))]
+        if step is not None:
+            statements.append((f"UPDATE steps SET state=?, reason=?, updated_at=? WHERE "
+                               f"execution_id={_CURRENT_ID} AND step=?",
+                               (step[1], step[2], now, *key, step[0])))
+        await self._write(*statements)
 
     async def forget(self, key: tuple[str, int]) -> None:
         """Remove an execution that was never claimed (the claim did not go through)."""
         await self._write(
             ("DELETE FROM outbox WHERE job_id=? AND execution_number=?", key),
+            (f"DELETE FROM steps WHERE execution_id={_CURRENT_ID}", key),
             (f"DELETE FROM executions WHERE {_CURRENT}", key))
 
     async def done(self, key: tuple[str, int]) -> None:
@@ -426,8 +483,10 @@ class Journal:
             (cutoff, max_records))
         records = [_record(r) for r in rows]
         if records:
-            await self._run(self._tx, [("DELETE FROM executions WHERE id=?", (r.row_id,))
-                                       for r in records])
+            await self._run(self._tx, [(f"DELETE FROM {table} WHERE {column}=?", (r.row_id,))
+                                       for r in records
+                                       for table, column in (("steps", "execution_id"),
+                                                             ("executions", "id"))])
         return records
 
 

@@ -242,9 +242,13 @@ class Monitor:
                 state = "running"
             else:
                 state = "reporting"
+            plan = job.plan
+            step = job.progress_step  # what the handler last reported, else the plan's step
+            if step is None and plan.reports_steps:
+                step = f"{job.step + 1}/{len(plan.steps)} {plan.steps[job.step].name}"
             jobs.append({
                 "jobId": job.key[0], "executionNumber": job.key[1],
-                "handler": job.work.operation, "pid": process.pid if process else None,
+                "handler": plan.steps[job.step].name, "pid": process.pid if process else None,
                 "startedAt": round(now - (mono - job.started), 3), "state": state,
-                "phase": job.phase, "step": job.step})
+                "phase": job.phase, "step": step})
         return jobs

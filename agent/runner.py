@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from agent.config import SAFE_PATH
 from agent.errors import AgentError
 
 __all__ = ["DOCUMENT_FILE", "PROGRESS_FD", "SAFE_PATH", "HandlerProcess", "RunRequest",
@@ -39,7 +40,6 @@ __all__ = ["DOCUMENT_FILE", "PROGRESS_FD", "SAFE_PATH", "HandlerProcess", "RunRe
 
 log = logging.getLogger("agent.runner")
 
-SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROGRESS_FD = 3
 DOCUMENT_FILE = "job-document.json"
 HEAD_BYTES = TAIL_BYTES = MAX_PROGRESS_LINE = 4096
@@ -101,6 +101,11 @@ class RunResult:
     output_bytes: int
     started: float = 0.0  # time.monotonic() at spawn
     ended: float = 0.0  # time.monotonic() when the handler exited
+    # Each stream on its own, for job documents that judge stderr (Device Client's allowStdErr)
+    # and report the two separately (its stdout/stderr statusDetails keys).
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    stderr_lines: int = 0
 
 
 class _Output:
@@ -159,6 +164,33 @@ class _Output:
         return head, decoder.decode(tail, final=True)
 
 
+class _Stream:
+    """One of stdout/stderr on its own: its last TAIL_BYTES and how many lines it printed
+    (a last line without a newline counts too)."""
+
+    def __init__(self) -> None:
+        self.tail, self.total, self.newlines, self.last = bytearray(), 0, 0, b"\n"
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        self.total += len(data)
+        self.newlines += data.count(b"\n")
+        self.last = data[-1:]
+        self.tail += data[-TAIL_BYTES:]
+        del self.tail[:-TAIL_BYTES]
+
+    @property
+    def lines(self) -> int:
+        return self.newlines + (self.last != b"\n")
+
+    def text(self) -> str:
+        data = bytes(self.tail)
+        if self.total > len(data):  # cut: drop a character split by the cut
+            data = data.lstrip(bytes(range(0x80, 0xC0)))
+        return data.decode("utf-8", "replace")
+
+
 class _ProgressReader(asyncio.Protocol):
     """Splits the progress pipe into lines; an overlong line is skipped, never buffered."""
 
@@ -193,6 +225,8 @@ class _HandlerProtocol(asyncio.SubprocessProtocol):
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         self.process._output.feed(data)
+        if fd in (1, 2):
+            self.process._streams[fd - 1].feed(data)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd in (1, 2):
@@ -264,6 +298,7 @@ class HandlerProcess:
         self._open_pipes = 3  # stdout, stderr, progress
         self._started = self._ended = 0.0
         self._output = _Output(request.max_log_bytes)
+        self._streams = (_Stream(), _Stream())  # stdout, stderr
         self._transport: asyncio.SubprocessTransport | None = None
         self._progress: asyncio.ReadTransport | None = None
 
@@ -467,7 +502,8 @@ class HandlerProcess:
             outcome, reason, exit_code=code if code >= 0 else None,
             signal=-code if code < 0 else None, pid=self._pid, duration=self._ended - self._started,
             output_head=head, output_tail=tail, output_bytes=self._output.total,
-            started=self._started, ended=self._ended))
+            started=self._started, ended=self._ended, stdout_tail=self._streams[0].text(),
+            stderr_tail=self._streams[1].text(), stderr_lines=self._streams[1].lines))
 
     async def _terminate(self) -> None:
         """TERM the group, then KILL what is left once the leader exited and the pipes closed, or

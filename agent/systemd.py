@@ -141,6 +141,9 @@ class Notifier:
         notifications from an earlier one's. systemd 252 (Debian 12) has no notify-reload and
         ignores the field; under ``Type=notify`` a ``RELOADING=1`` that arrives while the unit
         is running shows it "reloading" until the ``READY=1``.
+
+        Also sent when the agent restarts in place because a job asked for it: systemd then
+        waits for the next ``READY=1`` rather than for the process to exit, as STOPPING=1 would.
         """
         return self._send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
                           status=status)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import re
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
@@ -111,3 +113,44 @@ def boto3_shape_errors(operation: str, response: dict[str, Any]) -> str:
     shape = model.operation_model(operation).output_shape
     report = ParamValidator().validate(response, shape)
     return report.generate_report() if report.has_errors() else ""
+
+
+@dataclass
+class Web:
+    """A loopback HTTP server for downloads: files from ``root``; ``/expired...`` answers 403 as
+    S3 does for a stale presigned URL; ``/go...`` redirects to a ``file://`` URL."""
+
+    url: str
+    root: Path
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[Web]:
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/expired"):
+                self.send_error(403, "Request has expired")
+            elif self.path.startswith("/go"):
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/passwd")
+                self.end_headers()
+            else:
+                super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Web(f"http://127.0.0.1:{server.server_port}", root)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -6,6 +6,11 @@ handlers (usable with every ``--config`` command) and ``DIR/sandbox.json`` (for 
 details, both HTTP endpoints and the region), starts the real agent as a separate process exactly
 as systemd would, queues a demo job and shows it being handled. ``--no-agent`` runs only the
 cloud side, for users who run the agent themselves and drive it with boto3.
+
+Every AWS managed template runs as it comes: ``handler_dir`` holds the shipped handlers, and
+stand-ins (:mod:`agent.sandbox.standins`) take the place of apt-get, systemctl and the reboot,
+so the sandbox never changes the machine it runs on. When the stand-in reboot stops the agent,
+the sandbox starts it again, as the next boot would.
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ from typing import Any
 
 import yaml
 
+from agent.config import SAFE_PATH
 from agent.errors import ConfigError
 from agent.sandbox._validate import Rejection
 from agent.sandbox.http_control import ACCOUNT_ID, REGION
 from agent.sandbox.iot_policy import parse_policy
 from agent.sandbox.stack import Stack
+from agent.sandbox.standins import StandIns, install_stand_ins
 
-__all__ = ["DEFAULT_SANDBOX_DIR", "SANDBOX_THING", "run_sandbox"]
+__all__ = ["DEFAULT_SANDBOX_DIR", "RUN_COMMAND_ALLOW", "SANDBOX_THING", "run_sandbox",
+           "sandbox_settings"]
 
 log = logging.getLogger("agent.sandbox")
 
@@ -65,8 +73,15 @@ def _say(message: str) -> None:
     print(f"sandbox: {message}", flush=True)
 
 
-def _install(directory: Path) -> dict[str, Any]:
-    """Copy the example handlers where the agent's ownership/mode checks accept them."""
+RUN_COMMAND_ALLOW = ("echo", "date", "uname", "ls", "cat", "touch", "mkdir", "sleep")
+"""What AWS-Run-Command may start in the sandbox (run_command.allow); add to it in agent.yaml."""
+SANDBOX_PACKAGES = ("jq", "curl", "htop", "nginx")
+SANDBOX_UNITS = ("nginx", "demo")
+
+
+def sandbox_settings(directory: Path) -> dict[str, Any]:
+    """Install the example and shipped handlers and the stand-ins under ``directory`` (where
+    the agent's ownership/mode checks accept them); return the agent settings that use them."""
     handlers = directory / "handlers"
     scripts = directory / "scripts"
     for sub in (handlers, scripts):
@@ -74,17 +89,28 @@ def _install(directory: Path) -> dict[str, Any]:
         sub.chmod(0o755)
     for source in sorted((EXAMPLES / "handlers").glob("*.sh")):
         target = handlers / source.name
-        shutil.copyfile(source, target)
+        shutil.copyfile(source, target)  # a link (remove-packages.sh...) becomes a copy
         target.chmod(0o755)
     for name, text in SCRIPTS.items():
         script = scripts / name
         script.write_text(text)
         script.chmod(0o755)
+    stand_ins = install_stand_ins(directory / "stand-ins", packages=SANDBOX_PACKAGES,
+                                  units=SANDBOX_UNITS)
     return {
-        "run-script": {"command": [str(handlers / "run-script.sh")], "timeout": "1m",
-                       "environment": {"SCRIPTS_DIR": str(scripts)}},
-        "download": {"command": [str(handlers / "download.sh")], "timeout": "5m",
-                     "environment": {"DOWNLOAD_DIR": str(directory / "downloads")}},
+        "handlers": {
+            "run-script": {"command": [str(handlers / "run-script.sh")], "timeout": "1m",
+                           "environment": {"SCRIPTS_DIR": str(scripts)}},
+            "download": {"command": [str(handlers / "download.sh")], "timeout": "5m",
+                         "environment": {"DOWNLOAD_DIR": str(directory / "downloads")}},
+        },
+        "handler_dir": str(handlers),
+        "handler_timeout": "5m",
+        "handler_environment": {"PATH": f"{stand_ins.bin}:{SAFE_PATH}"},
+        "run_command": {"allow": list(RUN_COMMAND_ALLOW), "timeout": "1m"},
+        "reboot_command": [str(stand_ins.reboot)],
+        "boot_id_path": str(stand_ins.boot_id),
+        "reboot_timeout": "1m",
     }
 
 
@@ -124,7 +150,7 @@ def run_sandbox(directory: Path, *, once: bool, agent: bool = True, policy: str 
         config.update(state_dir=str(directory / "state"), poll_interval="1m",
                       progress_interval="1s", shutdown_grace="10s", kill_grace="3s",
                       metrics_file=str(directory / "metrics" / "iot-jobs-agent.prom"),
-                      handlers=_install(directory))
+                      **sandbox_settings(directory))
         agent_yaml = directory / "agent.yaml"
         agent_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
         identity = stack.pki.client(SANDBOX_THING)
@@ -137,6 +163,7 @@ def run_sandbox(directory: Path, *, once: bool, agent: bool = True, policy: str 
             "data_endpoint": stack.data_endpoint,
             "region": stack.region,
             "account_id": stack.account_id,
+            "stand_ins": str(directory / "stand-ins"),
         }
         # Written whole, then renamed: a script polling for the file never reads half of it.
         partial = directory / "sandbox.json.tmp"
@@ -151,29 +178,55 @@ def run_sandbox(directory: Path, *, once: bool, agent: bool = True, policy: str 
         _say(f"policies of {SANDBOX_THING}'s certificate: "
              f"{', '.join(stack.default_policies)}"
              + (f" (from {policy_name})" if policy_name else ""))
-        process = None
-        if agent:
-            cmd = [sys.executable, "-m", "agent", "run", "--config", str(agent_yaml)]
-            _say(f"starting the agent: {' '.join(cmd)}")
-            env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",
-                                                                    "JOURNAL_STREAM")}
-            process = subprocess.Popen(cmd, env=env)
+        supervisor = _Supervisor(agent_yaml, StandIns(directory / "stand-ins")) if agent \
+            else None
         try:
-            return _demo(stack, agent_yaml, process, once=once)
+            return _demo(stack, agent_yaml, supervisor, once=once)
         finally:
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            if supervisor is not None:
+                supervisor.stop()
 
 
-def _demo(stack: Stack, agent_yaml: Path, process: subprocess.Popen[bytes] | None, *,
+class _Supervisor:
+    """The agent as a separate process, started again after the stand-in reboot stopped it."""
+
+    def __init__(self, agent_yaml: Path, stand_ins: StandIns) -> None:
+        self.command = [sys.executable, "-m", "agent", "run", "--config", str(agent_yaml)]
+        self.stand_ins = stand_ins
+        _say(f"starting the agent: {' '.join(self.command)}")
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",
+                                                                "JOURNAL_STREAM")}
+        return subprocess.Popen(self.command, env=env)
+
+    def exited(self) -> int | None:
+        """The agent's exit status if it is gone for good; None while it runs (or "boots")."""
+        code = self.process.poll()
+        marker = self.stand_ins.dir / "rebooting"
+        if code is not None and marker.exists():
+            marker.unlink()
+            _say("the stand-in reboot stopped the agent; starting it again, as the next boot "
+                 "would")
+            self.process = self._start()
+            return None
+        return code
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _demo(stack: Stack, agent_yaml: Path, supervisor: _Supervisor | None, *,
           once: bool) -> int:
     assert stack.emulator is not None
     ok = True
-    if process is not None:
+    if supervisor is not None:
         stack.emulator.create_job(DEMO_JOB, [SANDBOX_THING], DEMO_DOCUMENT)
         _say(f"queued job {DEMO_JOB}: {json.dumps(DEMO_DOCUMENT)}")
         execution = _wait_terminal(stack, DEMO_JOB, 60)
@@ -187,15 +240,17 @@ def _demo(stack: Stack, agent_yaml: Path, process: subprocess.Popen[bytes] | Non
     if once:
         _say("OK" if ok else "FAILED")
         return 0 if ok else 1
-    if process is None:
+    if supervisor is None:
         _say(f"no agent started; run one: iot-jobs-agent run --config {agent_yaml}")
     _say(f"running. Try: iot-jobs-agent status --config {agent_yaml}  (Ctrl-C stops)")
+    _say("AWS managed templates run here as they come (list_managed_job_templates); apt-get, "
+         "systemctl and the reboot are stand-ins that change nothing")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):
-        if process is not None and process.poll() is not None:
-            _say(f"the agent exited with status {process.returncode}")
+        if supervisor is not None and (code := supervisor.exited()) is not None:
+            _say(f"the agent exited with status {code}")
             return 1
     _say("stopping")
     return 0

@@ -1,7 +1,9 @@
 """The ``iot`` control plane over plain HTTP: the part of ``boto3.client("iot")`` jobs need.
 
 Jobs (create, describe, list, cancel, delete, get_job_document), job executions (describe, list
-per thing and per job, cancel, delete) and things (create, describe, list), on the same
+per thing and per job, cancel, delete), things (create, describe, list) and the AWS managed job
+templates (list, describe, and create_job from one with documentParameters:
+:mod:`agent.sandbox.templates`), on the same
 :class:`JobsService` the MQTT front serves, always through :meth:`Emulator.call`: a job created
 here reaches a device's ``notify-next`` like one created by a test.
 
@@ -17,10 +19,11 @@ Decisions where the service and AWS differ or AWS is silent:
   job: CancelJob has no InvalidStateTransitionException).
 * DeleteJob without ``force`` of a job that is not COMPLETED or CANCELED is
   ``InvalidStateTransitionException`` as AWS documents it; the job is DELETION_IN_PROGRESS
-  (``describe_job``, ``list_jobs``) for a second before its id is free again.
-* Only what a jobs sandbox needs is supported: SNAPSHOT jobs with an inline ``document``, thing
-  targets, ``timeoutConfig``; things with attributes but no types or billing groups (asking for
-  one is ``ResourceNotFoundException``: the sandbox has none). Any other member is refused with
+  (``describe_job``, ``list_jobs``) for a few seconds before its id is free again.
+* Only what a jobs sandbox needs is supported: SNAPSHOT jobs with an inline ``document`` or an
+  AWS managed template's ``jobTemplateArn``, thing targets, ``timeoutConfig``; things with
+  attributes but no types or billing groups (asking for one is ``ResourceNotFoundException``:
+  the sandbox has none). Any other member is refused with
   ``InvalidRequestException`` naming it, never silently dropped.
 * The document is stored as compact JSON (:class:`~agent.sandbox.document.Document`) and
   handed back so by ``get_job_document``: the whitespace of the string given to ``create_job``
@@ -36,6 +39,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from agent.sandbox import templates
 from agent.sandbox.document import Document
 from agent.sandbox.emulator import Emulator
 from agent.sandbox.http import HttpFront, Request, Route, page, parse_int, query_bool
@@ -68,6 +72,8 @@ _BASE = frozenset({"InvalidRequestException", "ResourceNotFoundException",
                    "ThrottlingException", "ServiceUnavailableException"})
 _THING_ERRORS = _BASE | {"ResourceAlreadyExistsException"}
 _TRANSITION = _BASE | {"InvalidStateTransitionException"}
+_TEMPLATE_ERRORS = frozenset({"InvalidRequestException", "ResourceNotFoundException",
+                              "ThrottlingException", "InternalServerException"})
 
 
 def _invalid(message: str) -> Rejection:
@@ -106,6 +112,7 @@ class _ControlPlane:
     def __init__(self, emulator: Emulator, region: str, account_id: str) -> None:
         self._emulator = emulator
         self._prefix = f"arn:aws:iot:{region}:{account_id}:"
+        self._region = region
         self._registry: dict[str, _Thing] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -157,17 +164,31 @@ class _ControlPlane:
         things = [self._target(arn) for arn in targets]
         if body.get("targetSelection", "SNAPSHOT") != "SNAPSHOT":
             raise _invalid("targetSelection: the sandbox runs SNAPSHOT jobs only")
-        document = _document(body.get("document"))
+        template = None
+        if body.get("jobTemplateArn") is not None:
+            if body.get("document") is not None:
+                raise _invalid("give either document or jobTemplateArn, not both")
+            managed = templates.from_arn(body["jobTemplateArn"], self._region)
+            parameters = body.get("documentParameters") or {}
+            document = managed.substitute(parameters)
+            template = (body["jobTemplateArn"], dict(parameters), managed.document)
+        elif body.get("documentParameters") is not None:
+            raise _invalid("documentParameters can only be used with a jobTemplateArn naming an "
+                           "AWS managed template")
+        else:
+            document = _document(body.get("document"))
         timeout = body.get("timeoutConfig")
         if timeout is not None and (not isinstance(timeout, dict)
                                     or set(timeout) - {"inProgressTimeoutInMinutes"}):
             raise _invalid("timeoutConfig takes inProgressTimeoutInMinutes only")
         minutes = (timeout or {}).get("inProgressTimeoutInMinutes")
         description = body.get("description")
+        if description is None and template is not None:  # as AWS's CLI example shows
+            description = templates.from_arn(template[0], self._region).description
 
         def create(s: JobsService) -> list[Publish]:
             return s.create_job(job_id, things, document, in_progress_timeout_minutes=minutes,
-                                description=description)
+                                description=description, template=template)
 
         self._emulator.call(create)
         return self._job_ref({"jobId": job_id, "description": description})
@@ -214,9 +235,20 @@ class _ControlPlane:
 
     def get_job_document(self, request: Request) -> dict[str, Any]:
         job_id = request.path["jobId"]
-        query_bool(request, "beforeSubstitution")
-        document = self._emulator.call(lambda s: s.get_job_document(job_id))
+        before = bool(query_bool(request, "beforeSubstitution"))
+        document = self._emulator.call(
+            lambda s: s.get_job_document(job_id, before_substitution=before))
         return {"document": document.text}
+
+    # ------------------------------------------------------------------ managed templates
+
+    def list_managed_job_templates(self, request: Request) -> dict[str, Any]:
+        name = request.query.get("templateName")
+        return page(templates.summaries(self._region, name), request, "managedJobTemplates")
+
+    def describe_managed_job_template(self, request: Request) -> dict[str, Any]:
+        return templates.describe(self._region, request.path["templateName"],
+                                  request.query.get("templateVersion"))
 
     # ------------------------------------------------------------------ job executions
 
@@ -363,7 +395,12 @@ def control_plane(emulator: Emulator, *, region: str = REGION, account_id: str =
     routes = [
         Route("PUT", "/jobs/{jobId}", api.create_job, errors=_BASE | {
             "ResourceAlreadyExistsException"}, body=q({
-                "targets", "document", "description", "timeoutConfig", "targetSelection"})),
+                "targets", "document", "description", "timeoutConfig", "targetSelection",
+                "jobTemplateArn", "documentParameters"})),
+        Route("GET", "/managed-job-templates", api.list_managed_job_templates,
+              errors=_TEMPLATE_ERRORS, query=list_query | {"templateName"}),
+        Route("GET", "/managed-job-templates/{templateName}", api.describe_managed_job_template,
+              errors=_TEMPLATE_ERRORS, query=q({"templateVersion"})),
         Route("GET", "/jobs", api.list_jobs, errors=_BASE,
               query=list_query | {"status", "targetSelection"}),
         Route("GET", "/jobs/{jobId}", api.describe_job, errors=_BASE,

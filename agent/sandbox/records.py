@@ -43,6 +43,11 @@ class Job:
     force_canceled: bool | None = None
     deleted_at: float | None = None
     """When a DELETION_IN_PROGRESS job is gone for good (and its id free again)."""
+    # Created from an AWS managed template: its ARN, the parameters given and the document
+    # before substitution (GetJobDocument's beforeSubstitution).
+    template_arn: str | None = None
+    document_parameters: dict[str, str] | None = None
+    template_document: dict[str, Any] | None = None
 
 
 @dataclass

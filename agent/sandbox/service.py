@@ -141,8 +141,12 @@ class JobsService:
         *,
         in_progress_timeout_minutes: int | None = None,
         description: str | None = None,
+        template: tuple[str, dict[str, str], dict[str, Any]] | None = None,
     ) -> list[Publish]:
         """Create a snapshot job with one QUEUED execution per target thing (duplicates collapse).
+
+        ``template``: the managed template's ARN, the documentParameters given and the document
+        before they were substituted into ``document`` (the control plane substitutes them).
 
         Raises:
             Rejection: ``InvalidRequest`` for a malformed argument, ``ResourceNotFound`` for an
@@ -165,6 +169,8 @@ class JobsService:
                 if deleting else ""))
         now = self._now()
         job = Job(job_id, things, document, now, now, timeout, description)
+        if template is not None:
+            job.template_arn, job.document_parameters, job.template_document = template
         before = self._snapshot(things)
         self._jobs[job_id] = job
         for thing in things:
@@ -293,13 +299,19 @@ class JobsService:
             "comment": job.comment,
             "reasonCode": job.reason_code,
             "forceCanceled": job.force_canceled,
+            "jobTemplateArn": job.template_arn,
+            "documentParameters": job.document_parameters,
         }
         out.update((key, value) for key, value in optional.items() if value is not None)
         return out
 
-    def get_job_document(self, job_id: str) -> Document:
-        """The job document itself, not boto3's ``{"document": <string>}`` wrapper."""
-        return self._job(job_id).document
+    def get_job_document(self, job_id: str, *, before_substitution: bool = False) -> Document:
+        """The job document itself, not boto3's ``{"document": <string>}`` wrapper; for a job
+        from a managed template, with its placeholders if ``before_substitution``."""
+        job = self._job(job_id)
+        if before_substitution and job.template_document is not None:
+            return Document.from_value(job.template_document)
+        return job.document
 
     def list_jobs(self) -> list[dict[str, Any]]:
         """ListJobs' summaries, in creation order."""

@@ -16,14 +16,17 @@ progress() {
 
 [ $# -eq 3 ] || { echo "usage: download URL SHA256 NAME" >&2; exit 2; }
 url=$1; want=$2; name=$3
-case $url in https://*|http://*|file://*) ;; *) echo "unsupported URL: $url" >&2; exit 2 ;; esac
+# http and https only: a file:// URL would copy any file the agent can read (the device key) into
+# DOWNLOAD_DIR.
+case $url in https://?*|http://?*) ;; *) echo "only http:// and https:// URLs are downloaded" >&2; exit 2 ;; esac
 printf '%s' "$want" | grep -Eq '^[0-9a-fA-F]{64}$' || { echo "bad sha256: $want" >&2; exit 2; }
 case $name in ''|.*|*/*) echo "invalid file name: $name" >&2; exit 2 ;; esac
 
 tmp=${JOB_WORK_DIR:-$(mktemp -d)}/download.part
 progress 5 "downloading"
 if command -v curl >/dev/null 2>&1; then
-    curl --fail --silent --show-error --location --proto '=https,http,file' -o "$tmp" -- "$url"
+    curl --fail --silent --show-error --location --proto '=https,http' --proto-redir '=https,http' \
+        -o "$tmp" -- "$url"
 elif command -v wget >/dev/null 2>&1; then
     wget -q -O "$tmp" -- "$url"
 else
@@ -32,7 +35,8 @@ fi
 progress 80 "verifying"
 got=$(sha256sum "$tmp" | cut -d' ' -f1)
 if [ "$got" != "$(printf '%s' "$want" | tr 'A-F' 'a-f')" ]; then
-    echo "sha256 mismatch: expected $want, got $got" >&2
+    # Never print the hash we got: it would tell a job the hash of whatever the URL served.
+    echo "sha256 mismatch: the download does not have the expected hash; not installed" >&2
     rm -f "$tmp"
     exit 3
 fi

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +90,48 @@ def test_permission_refusals(tmp_path: Path) -> None:
     assert "chmod go-w" in run.stderr and "Traceback" not in run.stderr
 
 
+def test_check_config_knows_the_document_settings(tmp_path: Path) -> None:
+    data = setup_files(tmp_path)
+    scripts = tmp_path / "dc-handlers"
+    scripts.mkdir()
+    scripts.chmod(0o777)  # anyone could drop a reboot.sh there
+    data.update({
+        "handler_dir": str(scripts),
+        "handler_paths": ["/nonexistent/jobs"],
+        "run_command": {"allow": ["echo", "no-such-program-here", "/no/such/tool"],
+                        "users": [pwd.getpwuid(os.geteuid()).pw_name, "no-such-user-here"],
+                        "timout": "1m"},
+        "device_facts": {"os": "debian"},
+    })
+    path = write(tmp_path, data)
+    proc = cli("check-config", "--config", str(path))
+    assert proc.returncode == 78
+    text = path.read_text().splitlines()
+
+    def line(fragment: str) -> int:
+        return next(i for i, t in enumerate(text, 1) if fragment in t)
+
+    assert proc.stderr.strip().splitlines() == [
+        f"{path}:{line('timout')}: run_command.timout: unknown setting (did you mean "
+        "'timeout'?)"]  # the shape first: files are checked once the file parses
+    del data["run_command"]["timout"]  # type: ignore[attr-defined]
+    path = write(tmp_path, data)
+    proc = cli("check-config", "--config", str(path))
+    assert proc.returncode == 78
+    assert proc.stderr.strip().splitlines() == [
+        f"{path}:{line('handler_dir')}: handler_dir: directory {scripts} is writable by group "
+        f"or others (mode 0777): run `chmod go-w {scripts}`",
+        f"{path}:{line('/nonexistent/jobs')}: handler_paths[0]: directory /nonexistent/jobs "
+        "does not exist: create it or fix the path",
+        f"{path}:{line('no-such-program-here')}: run_command.allow[1]: program "
+        "'no-such-program-here' is not found on this device: install it, or write its "
+        "absolute path (PATH is /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)",
+        f"{path}:{line('/no/such/tool')}: run_command.allow[2]: program '/no/such/tool' is not "
+        "found on this device: install it or fix the path",
+        f"{path}:{line('no-such-user-here')}: run_command.users[1]: no such user "
+        "'no-such-user-here': create it or remove it from the list"]
+
+
 def test_missing_handler_program(tmp_path: Path) -> None:
     data = setup_files(tmp_path)
     data["handlers"]["missing"] = {"command": ["/nonexistent/handler.sh"]}  # type: ignore[index]
@@ -110,12 +154,13 @@ def test_example_config_covers_every_setting() -> None:
     """config/agent.yaml documents every key the agent accepts."""
     import dataclasses
 
-    from agent.config import Config, HandlerConfig, MqttConfig
+    from agent.config import Config, HandlerConfig, MqttConfig, RunCommandConfig
 
     data = yaml.safe_load((ROOT / "config" / "agent.yaml").read_text())
     top = {f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
     assert set(data) == top
     assert set(data["mqtt"]) == {f.name for f in dataclasses.fields(MqttConfig)}
+    assert set(data["run_command"]) == {f.name for f in dataclasses.fields(RunCommandConfig)}
     seen = set().union(*(h.keys() for h in data["handlers"].values()))
     assert seen == {f.name for f in dataclasses.fields(HandlerConfig)}
 

@@ -410,7 +410,7 @@ def test_recovery_never_reports_to_the_execution_that_replaced_ours(tmp_path: Pa
     async def body() -> None:
         async with World(tmp_path) as w:
             await w.journal.claiming(("j1", 1), "ok", DOC, 1, 5, queued_at=1)
-            await w.journal.started(("j1", 1), None, None, "boot-a")
+            await w.journal.started(("j1", 1), 0, "ok", "boot-a")
             w.create("j1")  # the new execution: queuedAt differs, version 1
             await w.d.sync()
             await w.idle()
@@ -453,7 +453,7 @@ def test_queued_job_left_unclaimed_is_never_silent(tmp_path: Path,
             w.create("j1")
             queued_at = w.status("j1")["queuedAt"]
             await w.journal.claiming(("j1", 1), "ok", DOC, 1, 5, queued_at=queued_at)
-            await w.journal.started(("j1", 1), None, None, "boot-a")
+            await w.journal.started(("j1", 1), 0, "ok", "boot-a")
             await w.journal.finish(("j1", 1), "SUCCEEDED", {"reason": "x"})
             await w.journal.done(("j1", 1))
             w.d._recovered = True

@@ -42,7 +42,8 @@ async def build(path: Path) -> Clock:
     try:
         # done, delivered: SUCCEEDED
         await j.claiming(("ok", 1), "echo", {"operation": "echo"}, 1, 5)
-        await j.started(("ok", 1), 10, 100, "boot")
+        await j.started(("ok", 1), 0, "echo", "boot")
+        await j.update(("ok", 1), pid=10, pid_start=100)
         clock.now += 2
         await j.finish(("ok", 1), "SUCCEEDED", {"reason": "exit code 0",
                                                "durationSeconds": "1.500"})
@@ -52,19 +53,22 @@ async def build(path: Path) -> Clock:
         # finished, status owed: FAILED
         clock.now += 10
         await j.claiming(("bad", 1), "broken", {"operation": "broken"}, 1, 5)
-        await j.started(("bad", 1), 11, 101, "boot")
+        await j.started(("bad", 1), 0, "echo", "boot")
+        await j.update(("bad", 1), pid=11, pid_start=101)
         clock.now += 1
         await j.finish(("bad", 1), "FAILED", {"reason": "exit code 3",
                                               "durationSeconds": "0.250"})
         # ended in the cloud while running: done, no result
         clock.now += 10
         await j.claiming(("gone", 1), "echo", {"operation": "echo"}, 1, 5)
-        await j.started(("gone", 1), 12, 102, "boot")
+        await j.started(("gone", 1), 0, "echo", "boot")
+        await j.update(("gone", 1), pid=12, pid_start=102)
         await j.done(("gone", 1))
         # a second execution of the same job, still running
         clock.now += 10
         await j.claiming(("ok", 2), "echo", {"operation": "echo", "args": ["s3cret"]}, 1, 5)
-        await j.started(("ok", 2), 13, 103, "boot")
+        await j.started(("ok", 2), 0, "echo", "boot")
+        await j.update(("ok", 2), pid=13, pid_start=103)
     finally:
         await j.close()
     return clock

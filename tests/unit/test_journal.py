@@ -38,7 +38,8 @@ def test_lifecycle_survives_reopening(tmp_path: Path) -> None:
     async def first() -> None:
         j = await opened(db)
         await j.claiming(("j1", 1), "run", {"operation": "run"}, 1, 5)
-        await j.started(("j1", 1), 4242, 99, "boot-a")
+        await j.started(("j1", 1), 0, "run", "boot-a")
+        await j.update(("j1", 1), pid=4242, pid_start=99)
         await j.finish(("j1", 1), "SUCCEEDED", {"reason": "exit code 0"})
         await j.close()  # like a crash right after the commit
 
@@ -56,6 +57,77 @@ def test_lifecycle_survives_reopening(tmp_path: Path) -> None:
     assert record.result == {"status": "SUCCEEDED", "details": {"reason": "exit code 0"},
                              "finishedAt": Clock().now}
     assert [(e.status, e.final) for e in outbox] == [("SUCCEEDED", True)]
+
+
+def test_steps_count_their_own_starts_and_go_with_their_execution(tmp_path: Path) -> None:
+    async def body() -> tuple[Any, ...]:
+        j = await opened(tmp_path / "journal.db")
+        key = ("j1", 1)
+        await j.claiming(key, "plan", {"version": "1.0"}, 1, 5)
+        await j.started(key, 0, "Install", "boot-a")
+        await j.step_ended(key, 0, "ignored", "exit code 1")
+        await j.started(key, 1, "Reboot", "boot-a")
+        await j.started(key, 1, "Reboot", "boot-b")  # run again after a crash
+        await j.started(key, 2, "Last", "boot-b")
+        await j.finish(key, "FAILED", {"reason": "exit code 2"}, step=(2, "failed", "exit 2"))
+        record, steps = await j.get(key), await j.steps(key)
+        await j.forget(key)
+        gone = await j.steps(key)
+        await j.claiming(("j2", 1), "plan", {}, 1, 5)
+        await j.started(("j2", 1), 0, "x", None)
+        await j.done(("j2", 1))
+        pruned = await j.prune(0.0, 0)
+        left = await j.steps(("j2", 1))
+        await j.close()
+        return record, steps, gone, pruned, left
+
+    record, steps, gone, pruned, left = run(body())
+    assert (record.state, record.attempts, record.boot_id) == ("finished", 4, "boot-b")
+    assert [(s.step, s.name, s.state, s.attempts, s.reason) for s in steps] == [
+        (0, "Install", "ignored", 1, "exit code 1"), (1, "Reboot", "running", 2, None),
+        (2, "Last", "failed", 1, "exit 2")]
+    assert gone == [] and [r.key for r in pruned] == [("j2", 1)] and left == []
+
+
+def test_a_journal_from_before_steps_is_migrated_and_gains_them(tmp_path: Path) -> None:
+    db = tmp_path / "journal.db"
+    schema_1_journal(db)  # schema 1 had no steps table
+
+    async def body() -> list[Any]:
+        j = await opened(db)
+        await j.claiming(("j1", 1), "run", {}, 1, 5)
+        await j.started(("j1", 1), 0, "run", None)
+        try:
+            return await j.steps(("j1", 1))
+        finally:
+            await j.close()
+
+    assert [s.attempts for s in run(body())] == [1]
+
+
+def test_an_archived_incarnation_keeps_its_own_steps(tmp_path: Path) -> None:
+    """A job deleted and created again under its id: the new execution's plan starts afresh;
+    the old one's steps stay with its (archived) record."""
+    async def body() -> tuple[Any, ...]:
+        j = await opened(tmp_path / "journal.db")
+        key = ("j1", 1)
+        await j.claiming(key, "plan", {}, 1, 5, queued_at=1)
+        await j.started(key, 0, "Install", None)
+        await j.started(key, 1, "Reboot", None)
+        await j.archive(key)
+        await j.claiming(key, "plan", {}, 1, 5, queued_at=2)
+        fresh = await j.steps(key)
+        await j.started(key, 0, "Install", None)
+        new = await j.steps(key)
+        old_id = (await j.history(key))[0].row_id
+        await j.close()
+        return fresh, new, old_id
+
+    fresh, new, old_id = run(body())
+    assert fresh == [] and [(s.step, s.attempts) for s in new] == [(0, 1)]
+    rows = sqlite3.connect(tmp_path / "journal.db").execute(
+        "SELECT step FROM steps WHERE execution_id=? ORDER BY step", (old_id,)).fetchall()
+    assert rows == [(0,), (1,)]
 
 
 def test_outbox_keeps_order_and_delivery_closes_the_execution(tmp_path: Path) -> None:

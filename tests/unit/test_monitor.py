@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from agent.config import Config, HandlerConfig, MqttConfig
+from agent.config import Config, MqttConfig
 from agent.connection import ConnectionEvent
 from agent.dispatcher import RunningJob
+from agent.documents.plan import Plan, Step
 from agent.errors import ConnectionFailedError
 from agent.journal import Journal
-from agent.lifecycle import Work
 from agent.metrics import OUTCOMES, Figures, outcome_of, render
 from agent.monitor import Monitor
 from agent.statefile import FIELDS, liveness, read_state
@@ -136,13 +136,14 @@ async def opened_journal(cfg: Config) -> Journal:
 
 
 def secret_job() -> RunningJob:
-    handler = HandlerConfig(command=("/bin/true", "--token", "argv-s3cret"),
-                            environment={"TOKEN": "env-s3cret"})
-    work = Work("download", handler, ("doc-arg-s3cret",),
-                {"operation": "download", "args": ["doc-arg-s3cret"], "key": "doc-s3cret"})
-    job = RunningJob(("update-42", 3), work, reporter=None)  # type: ignore[arg-type]
+    step = Step("download", "handler", ("/bin/true", "--token", "argv-s3cret",
+                                        "doc-arg-s3cret"), 60.0,
+                environment={"TOKEN": "env-s3cret"}, handler="download")
+    plan = Plan("native", (step,), {"operation": "download", "args": ["doc-arg-s3cret"],
+                                    "key": "doc-s3cret"})
+    job = RunningJob(("update-42", 3), plan, reporter=None)  # type: ignore[arg-type]
     job.process = FakeProcess(pid=os.getpid())  # type: ignore[assignment]
-    job.step = "verify checksum"
+    job.progress_step = "verify checksum"
     return job
 
 

@@ -1,16 +1,19 @@
-"""Every journal state against every cloud state: recovery's decision table."""
+"""Every journal state against every cloud state: recovery's decision table, for the native
+form's one step and for plans of several steps."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.claims import REPLACED
 from agent.config import Config, HandlerConfig, MqttConfig
+from agent.documents import Plan, Step, plan_document
 from agent.jobs.shapes import TERMINAL_STATUSES
-from agent.journal import Record
-from agent.recovery import Machine, plan_recovery
+from agent.journal import Record, StepRecord
+from agent.recovery import Action, Machine, plan_recovery
 
 
 class FakeMachine(Machine):
@@ -36,24 +39,41 @@ def record(state: str, attempts: int = 1, boot: str | None = "boot-1") -> Record
                   0.0)
 
 
+def decide(rec: Record, cloud: tuple[str, int | None], cfg: Config, machine: Machine,
+           plan: Plan | str | None = None, current: StepRecord | None = None) -> Action:
+    """plan_recovery for the native document {"operation": "h"} unless a plan is given."""
+    if plan is None:
+        plan = plan_document(rec.document, cfg)
+    return plan_recovery(rec, cloud, cfg, machine, plan, current)
+
+
+def three_steps(**second: Any) -> Plan:
+    """A Device Client plan: a script, then `second`, then a runCommand."""
+    steps = (Step("Download", "script", ("/h/download-file.sh", ""), 60.0, rerun=True),
+             Step(**{"name": "Middle", "kind": "script", "argv": ("/h/reboot.sh", ""),
+                     "timeout": 60.0, "rerun": True, **second}),
+             Step("Run", "command", ("/usr/bin/echo", "x"), 60.0))
+    return Plan("device-client", steps, {"version": "1.0"})
+
+
 @pytest.mark.parametrize("cloud", sorted(TERMINAL_STATUSES | {"ResourceNotFound",
                                                               "TerminalStateReached", REPLACED}))
 @pytest.mark.parametrize("state", ["claiming", "running", "rebooting", "finished"])
 def test_ended_in_the_cloud_means_done_and_leftovers_are_stopped(state: str, cloud: str) -> None:
     cfg = config(idempotent=True)
-    action = plan_recovery(record(state), (cloud, None), cfg, FakeMachine(cfg, alive=True))
+    action = decide(record(state), (cloud, None), cfg, FakeMachine(cfg, alive=True))
     assert action.kind == "done" and action.kill_pid == 77
 
 
 def test_claim_that_never_reached_the_service_is_forgotten() -> None:
     cfg = config()
-    assert plan_recovery(record("claiming", 0), ("QUEUED", 1), cfg, FakeMachine(cfg)).kind == \
+    assert decide(record("claiming", 0), ("QUEUED", 1), cfg, FakeMachine(cfg)).kind == \
         "forget"
 
 
 def test_claim_that_went_through_runs_for_the_first_time() -> None:
     cfg = config()
-    action = plan_recovery(record("claiming", 0), ("IN_PROGRESS", 2), cfg, FakeMachine(cfg))
+    action = decide(record("claiming", 0), ("IN_PROGRESS", 2), cfg, FakeMachine(cfg))
     assert (action.kind, action.version) == ("run", 2)
 
 
@@ -67,7 +87,7 @@ def test_claim_that_went_through_runs_for_the_first_time() -> None:
 def test_interrupted_handler(idempotent: bool, attempts: int, kind: str,
                              reason: str | None) -> None:
     cfg = config(idempotent=idempotent)
-    action = plan_recovery(record("running", attempts), ("IN_PROGRESS", 3), cfg,
+    action = decide(record("running", attempts), ("IN_PROGRESS", 3), cfg,
                            FakeMachine(cfg, alive=True))
     assert action.kind == kind
     assert action.kill_pid == 77  # never two copies of a handler
@@ -77,7 +97,7 @@ def test_interrupted_handler(idempotent: bool, attempts: int, kind: str,
 
 def test_finished_is_reported_never_rerun() -> None:
     cfg = config(idempotent=True)
-    action = plan_recovery(record("finished"), ("IN_PROGRESS", 4), cfg, FakeMachine(cfg))
+    action = decide(record("finished"), ("IN_PROGRESS", 4), cfg, FakeMachine(cfg))
     assert (action.kind, action.status, action.version) == ("report", None, 4)
 
 
@@ -90,9 +110,70 @@ def test_finished_is_reported_never_rerun() -> None:
 ])
 def test_reboot(boot: str | None, verify: bool, kind: str, status: str | None) -> None:
     cfg = config(verify=("/bin/true",) if verify else None)
-    action = plan_recovery(record("rebooting"), ("IN_PROGRESS", 5), cfg,
+    action = decide(record("rebooting"), ("IN_PROGRESS", 5), cfg,
                            FakeMachine(cfg, boot=boot))
     assert (action.kind, action.status) == (kind, status)
+
+
+@pytest.mark.parametrize(("state", "attempts", "action"), [
+    # step 2 asked for a reboot: the plan goes on with step 3, step 2 is done
+    ("rebooting", 1, ("run", 2, 1, None)),
+    # step 2 asked for the agent to restart: likewise, whatever the boot id
+    ("restarting", 1, ("run", 2, 1, None)),
+    # step 2 was running: a script runs again, from step 2, never step 1
+    ("running", 1, ("run", 1, None, None)),
+    ("running", 3, ("report", 0, None, "crash loop: the agent stopped 3 times")),
+])
+def test_plans_resume_at_the_interrupted_step(state: str, attempts: int,
+                                              action: tuple[Any, ...]) -> None:
+    cfg = config()
+    current = StepRecord(1, "Middle", "running", attempts, None)
+    got = decide(record(state, attempts=9), ("IN_PROGRESS", 5), cfg,
+                 FakeMachine(cfg, boot="boot-2"), three_steps(), current)
+    assert (got.kind, got.step, got.completed) == action[:3]
+    if action[3]:
+        assert got.status == "FAILED" and got.details["reason"].startswith(action[3])
+
+
+def test_last_step_rebooted_or_restarted_means_succeeded() -> None:
+    cfg = config()
+    current = StepRecord(2, "Run", "running", 1, None)
+    for state, reason in (("rebooting", "rebooted as the handler asked"),
+                          ("restarting", "the agent restarted as the step asked")):
+        got = decide(record(state), ("IN_PROGRESS", 5), cfg, FakeMachine(cfg, boot="boot-2"),
+                     three_steps(), current)
+        assert (got.kind, got.status, got.details["reason"]) == ("report", "SUCCEEDED", reason)
+
+
+def test_interrupted_command_or_plain_handler_step_is_never_run_twice() -> None:
+    cfg = config()
+    got = decide(record("running"), ("IN_PROGRESS", 5), cfg, FakeMachine(cfg),
+                 three_steps(), StepRecord(2, "Run", "running", 1, None))
+    assert got.kind == "report" and got.details["reason"] == (
+        "interrupted: the agent restarted while step 3/3 (Run) ran; not run again because a "
+        "runCommand step is never run twice")
+    got = decide(record("running"), ("IN_PROGRESS", 5), cfg, FakeMachine(cfg),
+                 three_steps(kind="handler", rerun=False), StepRecord(1, "Middle", "running", 1,
+                                                                      None))
+    assert got.details["reason"].endswith("(Middle) ran; not run again because the handler is "
+                                          "not declared idempotent")
+
+
+def test_a_reboot_step_with_verify_is_verified_before_the_plan_goes_on() -> None:
+    cfg = config()
+    got = decide(record("rebooting"), ("IN_PROGRESS", 5), cfg, FakeMachine(cfg, boot="boot-2"),
+                 three_steps(verify=("/bin/true",)), StepRecord(1, "Middle", "running", 1, None))
+    assert (got.kind, got.step, got.completed) == ("verify", 1, None)
+
+
+@pytest.mark.parametrize("state", ["claiming", "running", "rebooting", "restarting"])
+def test_a_document_the_config_no_longer_runs_fails(state: str) -> None:
+    cfg = config()
+    got = decide(record(state), ("IN_PROGRESS", 5), cfg, FakeMachine(cfg, alive=True),
+                 "no handler for operation 'h' on this device")
+    assert (got.kind, got.status, got.kill_pid) == ("report", "FAILED", 77)
+    assert got.details["reason"] == ("cannot resume this job: no handler for operation 'h' on "
+                                     "this device")
 
 
 def test_start_time_tells_our_process_from_a_reused_pid() -> None:

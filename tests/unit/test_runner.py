@@ -263,6 +263,26 @@ def test_head_and_tail_do_not_overlap_or_split_characters(tmp_path: Path) -> Non
     assert result.output_bytes == 4095 + 2 + 10
 
 
+@pytest.mark.parametrize(("stderr", "lines"), [
+    ("", 0), ("one\\n", 1), ("one\\ntwo", 2), ("\\n\\n\\n", 3), ("no newline", 1)])
+def test_stderr_lines_are_counted_apart_from_stdout(tmp_path: Path, stderr: str,
+                                                    lines: int) -> None:
+    body = f"echo out1; printf '{stderr}' >&2; echo out2\n"
+    result = run(request(tmp_path, [script(tmp_path, body)]))
+    assert result.stderr_lines == lines
+    assert result.stdout_tail == "out1\nout2\n"
+    assert result.stderr_tail == stderr.replace("\\n", "\n")
+
+
+def test_stream_tails_keep_the_end_of_each_stream(tmp_path: Path) -> None:
+    code = ('import os; os.write(2, b"e" * 9000 + "é".encode() + b"END\\n"); '
+            'os.write(1, b"o" * 5000 + b"\\n" * 20)')
+    result = run(request(tmp_path, python(code)))
+    assert result.stderr_tail == "e" * (4096 - 6) + "éEND\n"
+    assert result.stdout_tail == "o" * (4096 - 20) + "\n" * 20
+    assert (result.stderr_lines, result.output_bytes) == (1, 9000 + 2 + 4 + 5020)
+
+
 def test_log_cap_zero_still_counts(tmp_path: Path) -> None:
     req = request(tmp_path, [script(tmp_path, "echo secret\n")], max_log_bytes=0)
     result = run(req)

@@ -172,13 +172,18 @@ def test_notifier_ready_status_stopping(listener: Listener) -> None:
     assert n.status("two\nlines") is True  # a newline cannot smuggle in another assignment
     assert n.status("connected") is True
     assert n.stopping("stopping: 1 job running") is True
-    assert listener.received() == [
+    assert n.reloading("restarting, as a job asked") is True
+    received = listener.received()
+    assert received[:-1] == [
         b"READY=1\nSTATUS=connecting",
         b"STATUS=connected",
         b"STATUS=two lines",
         b"STATUS=connected",
         b"STOPPING=1\nSTATUS=stopping: 1 job running",
     ]
+    reloading = received[-1].split(b"\n")
+    assert reloading[0] == b"RELOADING=1" and reloading[1].startswith(b"MONOTONIC_USEC=")
+    assert reloading[2] == b"STATUS=restarting, as a job asked"
 
 
 def test_notifier_reloading_carries_the_monotonic_time(listener: Listener) -> None:
