@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config import Config
 from agent.connection import Connection, ConnectionEvent
@@ -21,6 +22,9 @@ from agent.errors import CertificateValidationException, ConfigError
 from agent.jobs import JobsClient
 from agent.journal import Journal
 from agent.systemd import Notifier
+
+if TYPE_CHECKING:
+    from agent.commands import CommandExecutor, CommandsClient
 
 __all__ = ["Agent"]
 
@@ -51,6 +55,8 @@ class Agent:
     async def serve(self) -> int:
         self._prepare_state_dir()
         connection = Connection(self.config.mqtt, self.config.client_id)
+        # Before the Jobs client builds the CRT client: Commands routes its topics to itself.
+        commands = self._commands_client(connection)
         jobs = JobsClient(connection, request_timeout=self.config.mqtt.request_timeout,
                           max_concurrent_requests=max(4, self.config.max_concurrent_jobs + 2))
         journal = Journal(Path(self.config.state_dir) / "journal.db")
@@ -60,8 +66,11 @@ class Agent:
                         or Path(self.config.state_dir) / "logs")
         dispatcher = Dispatcher(self.config, jobs, journal, job_logs=job_logs,
                                 on_change=lambda: self._status(dispatcher))
+        executor = None
+        if commands is not None:
+            executor = await self._commands_executor(commands, journal, job_logs)
         jobs.open_streams(self.config.thing_name)
-        connection.add_listener(lambda ev: self._on_connection(ev, dispatcher))
+        connection.add_listener(lambda ev: self._on_connection(ev, dispatcher, executor))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
@@ -73,11 +82,16 @@ class Agent:
         self._spawn(self._pump_events(jobs, dispatcher), "agent.events")
         self._spawn(self._ready_when_synced(dispatcher), "agent.ready")
         self._spawn(self._watchdog(), "agent.watchdog")
+        if executor is not None:
+            self._spawn(executor.run(), "agent.commands")
         await self._stop.wait()
         log.info("stopping: no new jobs; running=%d grace=%.0fs", len(dispatcher.running),
                  self.config.shutdown_grace)
         self.notifier.stopping(f"stopping, {len(dispatcher.running)} job(s) running")
-        await dispatcher.shutdown(self.config.shutdown_grace, self._force)
+        await asyncio.gather(
+            dispatcher.shutdown(self.config.shutdown_grace, self._force),
+            *([executor.shutdown(self.config.shutdown_grace, self._force)]
+              if executor is not None else []))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -102,6 +116,27 @@ class Agent:
             raise ConfigError(f"state_dir {base} is not usable ({exc.strerror}): create it, "
                               f"writable by uid {os.geteuid()}, or set state_dir") from None
 
+    def _commands_client(self, connection: Connection) -> CommandsClient | None:
+        settings = self.config.commands
+        if not settings.enabled:
+            return None
+        from agent.commands import CommandsClient  # only when enabled: memory, start-up
+
+        return CommandsClient(connection, self.config.thing_name, settings.formats,
+                              request_timeout=self.config.mqtt.request_timeout)
+
+    async def _commands_executor(self, client: CommandsClient, journal: Journal,
+                                 job_logs: Path) -> CommandExecutor:
+        from agent.commands import CommandExecutor, CommandJournal
+
+        records = CommandJournal(journal)
+        await records.open()
+        (Path(self.config.state_dir) / "commands").mkdir(mode=0o700, exist_ok=True)
+        log.info("commands enabled thing=%s formats=%s max_concurrent=%d",
+                 self.config.thing_name, ",".join(self.config.commands.formats),
+                 self.config.commands.max_concurrent)
+        return CommandExecutor(self.config, client, records, job_logs=job_logs)
+
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
         task.set_name(name)
@@ -117,10 +152,13 @@ class Agent:
         self._failed = True  # exit non-zero, so Restart=on-failure brings the agent back
         self._stop.set()
 
-    def _on_connection(self, event: ConnectionEvent, dispatcher: Dispatcher) -> None:
+    def _on_connection(self, event: ConnectionEvent, dispatcher: Dispatcher,
+                       executor: CommandExecutor | None) -> None:
         if event.kind == "connected":
             self.notifier.status("connected; syncing jobs")
             dispatcher.reconnected()
+            if executor is not None:
+                executor.nudge()
         elif event.kind == "disconnected":
             self.notifier.status("disconnected; reconnecting")
         elif event.kind == "failed" and isinstance(event.error, CertificateValidationException):

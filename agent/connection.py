@@ -19,6 +19,7 @@ import enum
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ from awsiot import mqtt5_client_builder
 from agent.config import MqttConfig
 from agent.errors import CertificateValidationException, ConfigError, ConnectionFailedError
 
-__all__ = ["Connection", "ConnectionEvent", "ConnectionState", "describe_crt_error",
+__all__ = ["Connection", "ConnectionEvent", "ConnectionState", "Message", "describe_crt_error",
            "disable_nagle", "hop"]
 
 log = logging.getLogger("agent.connection")
@@ -58,6 +59,32 @@ class ConnectionEvent:
     kind: str
     rejoined: bool = False
     error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One PUBLISH received on a routed topic, with the MQTT 5 properties a protocol reads.
+
+    ``message_expiry`` is the seconds the broker says are left (it counts down while the
+    message waits in a session); ``received`` is ``time.monotonic()`` when the CRT handed the
+    message over, so ``received + message_expiry`` is its deadline on this host. ``ack_handle``
+    is set when the route took manual control of the PUBACK: pass the message to
+    :meth:`Connection.acknowledge` once it is safe (journaled), and not before.
+    """
+
+    topic: str
+    payload: bytes
+    content_type: str | None = None
+    message_expiry: int | None = None
+    received: float = 0.0
+    ack_handle: Any = None
+
+
+@dataclass(frozen=True)
+class _Route:
+    prefix: str
+    handler: Callable[[Message], None]
+    manual_ack: bool
 
 
 def describe_crt_error(exc: BaseException | None) -> str:
@@ -159,6 +186,7 @@ class Connection:
         self._connected = asyncio.Event()
         self._stopped = asyncio.Event()
         self._failure: asyncio.Future[Exception] | None = None
+        self._routes: tuple[_Route, ...] = ()
 
     # ------------------------------------------------------------------ public API
 
@@ -175,6 +203,33 @@ class Connection:
 
     def add_listener(self, listener: Callable[[ConnectionEvent], None]) -> None:
         self._listeners.append(listener)
+
+    def route(self, prefix: str, handler: Callable[[Message], None], *,
+              manual_ack: bool = False) -> None:
+        """Deliver every PUBLISH whose topic starts with ``prefix`` to ``handler`` on the loop.
+
+        Call before :meth:`build`: the CRT takes its publish callback when the client is made.
+        With ``manual_ack`` the PUBACK of a QoS 1 message waits for :meth:`acknowledge`, so a
+        protocol can make a request durable before the broker forgets it (with a persistent
+        session an unacknowledged message is delivered again after a crash).
+        """
+        if self._client is not None:
+            raise RuntimeError("Connection.route() must be called before the client is built")
+        self._routes = (*self._routes, _Route(prefix, handler, manual_ack))
+
+    def acknowledge(self, message: Message) -> None:
+        """Send the PUBACK of a manually acknowledged message (a no-op for the others).
+
+        If the connection dropped meanwhile the CRT refuses; the broker then delivers the
+        message again (persistent session) or has dropped it with the session.
+        """
+        if message.ack_handle is None or self._client is None:
+            return
+        try:
+            self._client.invoke_publish_acknowledgement(message.ack_handle)
+        except Exception as exc:  # the CRT raises its own error types here
+            log.debug("puback not sent topic=%s error=%s", message.topic,
+                      describe_crt_error(exc))
 
     def build(self) -> mqtt5.Client:
         """Create the CRT client (without connecting). Idempotent.
@@ -236,10 +291,16 @@ class Connection:
         if bad:
             raise ConnectionFailedError(f"broker refused subscription to {', '.join(bad)}")
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 1 without waiting; the CRT queues it while offline."""
+    def publish(self, topic: str, payload: bytes, *, content_type: str | None = None,
+                message_expiry: int | None = None) -> None:
+        """Publish at QoS 1 without waiting; the CRT queues it while offline.
+
+        ``content_type`` and ``message_expiry`` (seconds) are the MQTT 5 properties of those
+        names; the broker drops a message whose expiry ran out before it could be delivered.
+        """
         future = self.client.publish(mqtt5.PublishPacket(
-            topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE))
+            topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE,
+            content_type=content_type, message_expiry_interval_sec=message_expiry))
         future.add_done_callback(lambda f: self._hop(self._publish_done, topic, f))
 
     def _publish_done(self, topic: str, future: Any) -> None:
@@ -300,7 +361,13 @@ class Connection:
             "on_lifecycle_disconnection": self._crt_disconnection,
             "on_lifecycle_stopped": self._crt_stopped,
         }
-        if self._on_message is not None:
+        if cfg.session_expiry > 0:
+            # Rejoin even on the first connect of a new process: what the broker kept for us
+            # (requests published while we were down, or delivered and never acknowledged
+            # before a crash) is delivered now, and the journal tells new from seen.
+            kwargs["session_behavior"] = mqtt5.ClientSessionBehaviorType.REJOIN_ALWAYS
+            kwargs["session_expiry_interval_sec"] = int(cfg.session_expiry)
+        if self._on_message is not None or self._routes:
             kwargs["on_publish_received"] = self._crt_publish
         if not cfg.iot_core_limits:  # see MqttConfig.iot_core_limits
             kwargs["extended_validation_and_flow_control_options"] = \
@@ -337,8 +404,18 @@ class Connection:
 
     def _crt_publish(self, data: mqtt5.PublishReceivedData) -> None:
         packet = data.publish_packet
+        topic = packet.topic
+        for route in self._routes:
+            if topic.startswith(route.prefix):
+                # The PUBACK can only be taken over inside this callback; the rest hops.
+                acquire = data.acquire_publish_acknowledgement_control
+                handle = acquire() if route.manual_ack and acquire is not None else None
+                self._hop(route.handler, Message(
+                    topic, bytes(packet.payload or b""), packet.content_type,
+                    packet.message_expiry_interval_sec, time.monotonic(), handle))
+                return
         if self._on_message is not None:
-            self._hop(self._on_message, packet.topic, bytes(packet.payload or b""))
+            self._hop(self._on_message, topic, bytes(packet.payload or b""))
 
     def _hop(self, fn: Callable[..., None], *args: Any) -> None:
         hop(self._loop, fn, *args)

@@ -11,7 +11,8 @@ Callers catch by meaning, not by where an error came from::
     ├── SandboxError                     the local sandbox could not start (missing tool, port)
     ├── RequestFailedError               the request never reached the service (broker refused
     │                                    the publish, client stopped); retrying may help
-    └── JobsServiceError                 the Jobs service answered "rejected"; names follow boto3
+    └── JobsServiceError                 the Jobs (or Commands) service answered "rejected";
+                                         names follow boto3
         ├── InvalidRequestException          InvalidTopic, InvalidJson, InvalidRequest, or a
         │                                    parameter we refused before sending
         ├── ResourceNotFoundException        ResourceNotFound
@@ -19,7 +20,8 @@ Callers catch by meaning, not by where an error came from::
         ├── ServiceUnavailableException      InternalError
         ├── InvalidStateTransitionException  InvalidStateTransition (carries executionState)
         ├── TerminalStateException           TerminalStateReached
-        ├── ConflictException                VersionMismatch (carries executionState)
+        ├── ConflictException                VersionMismatch (carries executionState); for
+        │                                    Commands, DataConflict (updates too close together)
         └── InvalidResponseError             the reply itself is malformed (not the model's shape)
 
 The Jobs service errors use botocore's ``iot-jobs-data`` exception names so code written against
@@ -168,7 +170,7 @@ class TerminalStateException(JobsServiceError):
 
 
 class ConflictException(JobsServiceError):
-    codes = ("VersionMismatch",)
+    codes = ("VersionMismatch", "DataConflict")
 
 
 class InvalidResponseError(JobsServiceError):

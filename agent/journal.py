@@ -312,6 +312,31 @@ class Journal:
         self._tx([("DELETE FROM executions WHERE job_id=? AND execution_number=?", k)
                   for k in keys])
 
+    # ------------------------------------------------------------------ other protocols' tables
+
+    async def apply_schema(self, script: str) -> None:
+        """Create another protocol's tables in this file (``CREATE ... IF NOT EXISTS``).
+
+        Same file, same thread, same durability; such tables are additive, so an older agent
+        opening the file ignores them and no schema version is needed for them.
+        """
+        def apply() -> None:
+            if self._db is None:
+                raise JournalError("the journal is not open")
+            try:
+                self._db.executescript(script)
+            except (sqlite3.Error, OSError) as exc:
+                raise JournalError(f"cannot write the journal {self.path}: {exc}") from exc
+
+        await self._run(apply)
+
+    async def write(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        """Run ``statements`` in one transaction (all or nothing)."""
+        await self._write(*statements)
+
+    async def select(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return await self._query(sql, params)
+
 
 _COLUMNS = ("job_id, execution_number, operation, document, state, version, step_minutes, "
             "attempts, pid, pid_start, boot_id, result, updated_at")
