@@ -37,6 +37,7 @@ from agent.sandbox._validate import Rejection, parse_request
 
 __all__ = [
     "HttpFront",
+    "Reply",
     "Request",
     "Route",
     "page",
@@ -60,7 +61,15 @@ class Request:
     body: dict[str, Any]
 
 
-Handler = Callable[[Request], dict[str, Any] | None]
+@dataclass(frozen=True)
+class Reply:
+    """A response with a status other than 200 (DeleteCommand's 202/204), body optional."""
+
+    status: int
+    body: dict[str, Any] | None = None
+
+
+Handler = Callable[[Request], "dict[str, Any] | Reply | None"]
 """Returns the response body (``None`` = an operation without output: empty 200)."""
 
 
@@ -72,7 +81,9 @@ class Route:
     carries is ``InvalidRequestException`` naming it, rather than silently ignored (a script that
     asks for a presigned URL or a rollout rate must learn the sandbox does not do that).
     ``errors`` are the exception names the operation's model lists; a service code that maps to
-    another one is answered as ``InvalidRequestException`` (None: any mapped name may go out).
+    another one is answered as the front's ``InvalidRequest`` exception (None: any mapped name
+    may go out). ``error_map`` replaces the front's code -> (exception, status) table for this
+    operation (the Commands operations name their errors differently from the Jobs ones).
     """
 
     method: str
@@ -81,6 +92,7 @@ class Route:
     query: frozenset[str] = frozenset()
     body: frozenset[str] = frozenset()
     errors: frozenset[str] | None = None
+    error_map: Mapping[str, tuple[str, int]] | None = None
     _segments: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -129,12 +141,14 @@ def parse_int(text: str | None, name: str, low: int | None = None,
     return value
 
 
-def page(items: list[dict[str, Any]], request: Request, key: str) -> dict[str, Any]:
-    """One page of a List* answer: ``maxResults`` (1-250) items from the offset in ``nextToken``.
+def page(items: list[dict[str, Any]], request: Request, key: str, *, default: int = 250,
+         most: int = 250) -> dict[str, Any]:
+    """One page of a List* answer: ``maxResults`` (1-``most``, else ``default``) items from the
+    offset in ``nextToken``.
 
     The token is the offset as text: opaque to boto3's paginators, which only echo it back.
     """
-    size = query_int(request, "maxResults", 1, 250) or 250
+    size = query_int(request, "maxResults", 1, most) or default
     token = request.query.get("nextToken")
     start = 0
     if token is not None:
@@ -234,18 +248,26 @@ class HttpFront:
                           url.path)
             name, status = self._internal
             return _error(status, name, "the sandbox failed to serve this request (see its log)")
+        status = 200
+        if isinstance(result, Reply):
+            status, result = result.status, result.body
         if result is None:
-            return 200, {}, b""
-        return 200, {"Content-Type": "application/json"}, json.dumps(result).encode()
+            return status, {}, b""
+        return status, {"Content-Type": "application/json"}, json.dumps(result).encode()
 
     def _rejection(self, route: Route, rejection: Rejection) -> tuple[int, dict[str, str], bytes]:
         """The service's code as the model's exception; the original code leads the message
-        whenever the names differ (``VersionMismatch: ...`` as InvalidStateTransitionException)."""
-        name, status = self._errors.get(rejection.code, (rejection.code, 400))
-        if route.errors is not None and name not in route.errors:
-            name, status = self._errors["InvalidRequest"]
+        whenever the names differ (``VersionMismatch: ...`` as InvalidStateTransitionException),
+        unless the route's own ``error_map`` made the choice (InvalidRequest is simply
+        ValidationException there)."""
+        errors = route.error_map or self._errors
+        name, status = errors.get(rejection.code, (rejection.code, 400))
+        fallback = route.errors is not None and name not in route.errors
+        if fallback:
+            name, status = errors["InvalidRequest"]
         message = rejection.message
-        if name not in (rejection.code, f"{rejection.code}Exception"):
+        if (route.error_map is None or fallback) \
+                and name not in (rejection.code, f"{rejection.code}Exception"):
             message = f"{rejection.code}: {message}"
         extra = {} if rejection.execution_state is None else {
             "executionState": rejection.execution_state}
@@ -283,7 +305,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_PUT = do_POST = do_DELETE = _serve
+    do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
