@@ -110,11 +110,12 @@ def test_example_config_covers_every_setting() -> None:
     """config/agent.yaml documents every key the agent accepts."""
     import dataclasses
 
-    from agent.config import Config, HandlerConfig, MqttConfig
+    from agent.config import CommandsConfig, Config, HandlerConfig, MqttConfig
 
     data = yaml.safe_load((ROOT / "config" / "agent.yaml").read_text())
     top = {f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
     assert set(data) == top
     assert set(data["mqtt"]) == {f.name for f in dataclasses.fields(MqttConfig)}
+    assert set(data["commands"]) == {f.name for f in dataclasses.fields(CommandsConfig)}
     seen = set().union(*(h.keys() for h in data["handlers"].values()))
     assert seen == {f.name for f in dataclasses.fields(HandlerConfig)}
