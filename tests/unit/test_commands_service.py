@@ -27,25 +27,15 @@ from agent.sandbox.commands import (
     Rejection,
     parse_time_filter,
 )
+from tests.unit.test_service import Clock
 
 T0 = 1_700_000_000.25
 DOC = json.dumps({"operation": "echo", "args": ["a"]}).encode()
 
 
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @pytest.fixture
@@ -417,7 +407,7 @@ class CommandsMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.clock = Clock()
+        self.clock = Clock(T0)
         self.svc = CommandsService(self.clock, thing_exists=lambda t: t in ("dev1", "dev2"))
         self.executions: dict[str, str] = {}  # id -> thing
         self.device_final: dict[str, str] = {}  # ids a device ended, with its status
