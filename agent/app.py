@@ -80,7 +80,7 @@ class Agent:
         connection.start()
         self._spawn(dispatcher.run(), "agent.dispatcher")
         self._spawn(self._pump_events(jobs, dispatcher), "agent.events")
-        self._spawn(self._ready_when_synced(dispatcher), "agent.ready")
+        self._spawn(self._ready_when_synced(dispatcher, commands), "agent.ready")
         self._spawn(self._watchdog(), "agent.watchdog")
         if executor is not None:
             self._spawn(executor.run(), "agent.commands")
@@ -171,16 +171,23 @@ class Agent:
             if event.kind in ("notify", "notify-next", "subscribed"):
                 dispatcher.wake(event.kind)
 
-    async def _ready_when_synced(self, dispatcher: Dispatcher) -> None:
-        """READY=1 once connected and the pending jobs are answered.
+    async def _ready_when_synced(self, dispatcher: Dispatcher,
+                                 commands: CommandsClient | None = None) -> None:
+        """READY=1 once connected and the pending jobs are answered (and, with Commands on,
+        once its topics are subscribed: a script that waits for READY may send a command).
 
         A device that boots offline must not hold up ``multi-user.target`` (which orders itself
         after the units it wants) or be restarted by ``TimeoutStartSec=``: after
         :data:`READY_TIMEOUT` the agent declares itself ready anyway, saying it is offline, and
         keeps connecting.
         """
+        began = asyncio.get_running_loop().time()
         try:
             await asyncio.wait_for(dispatcher.synced.wait(), READY_TIMEOUT)
+            if commands is not None:
+                left = READY_TIMEOUT - (asyncio.get_running_loop().time() - began)
+                with contextlib.suppress(TimeoutError):  # refused: logged by the client
+                    await asyncio.wait_for(commands.subscribed.wait(), max(left, 0.0))
         except TimeoutError:
             log.warning("not connected after %.0fs; reporting ready and still trying",
                         READY_TIMEOUT)

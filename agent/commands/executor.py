@@ -72,6 +72,7 @@ class _Command:
     process: HandlerProcess | None = None
     task: asyncio.Task[None] | None = None
     interrupted: str | None = None
+    journaled_start: bool = False  # "running" was committed with the request itself
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: dict[str, str] | None = None
     progress_sent: float = 0.0
@@ -152,11 +153,13 @@ class CommandExecutor:
             self._spawn(self._deliver(execution_id, final))
             return
         assert isinstance(work, Work)
-        await self.journal.received(execution_id, work.operation, work.document, deadline)
+        now = not self._waiting and len(self.running) < self.config.commands.max_concurrent
+        await self.journal.received(execution_id, work.operation, work.document, deadline,
+                                    starting=now, boot_id=self.machine.boot_id() if now else None)
         self.client.acknowledge(request)
         log.info("command received execution_id=%s handler=%s timeout=%s", execution_id,
                  work.operation, "none" if deadline is None else f"{deadline - time.time():.1f}s")
-        self._waiting[execution_id] = _Command(execution_id, work, deadline)
+        self._waiting[execution_id] = _Command(execution_id, work, deadline, journaled_start=now)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -223,7 +226,8 @@ class CommandExecutor:
         process = HandlerProcess(self._request(command, limit),
                                  on_progress=lambda values: self._progress(command, values))
         command.process = process
-        await self.journal.started(command.execution_id, self.machine.boot_id())
+        if not command.journaled_start:  # committed before the spawn: "may have started"
+            await self.journal.started(command.execution_id, self.machine.boot_id())
         await process.start()
         pid = process.pid
         await self.journal.spawned(command.execution_id, pid, self.machine.start_time(pid))

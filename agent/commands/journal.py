@@ -100,13 +100,18 @@ class CommandJournal:
         return [_record(r) for r in rows]
 
     async def received(self, execution_id: str, operation: str, document: dict[str, Any],
-                       deadline: float | None) -> None:
-        """A request to run, committed before its PUBACK."""
+                       deadline: float | None, *, starting: bool = False,
+                       boot_id: str | None = None) -> None:
+        """A request to run, committed before its PUBACK. ``starting``: its handler is spawned
+        next, so this one commit also says what :meth:`started` would (one fsync fewer on the
+        way from a request to its handler)."""
         now = self._clock()
+        state, attempts = ("running", 1) if starting else ("received", 0)
         await self._journal.write((
             "INSERT INTO command_executions (execution_id, operation, document, state, deadline,"
-            " created_at, updated_at) VALUES (?,?,?,?,?,?,?)",
-            (execution_id, operation, json.dumps(document), "received", deadline, now, now)))
+            " attempts, boot_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (execution_id, operation, json.dumps(document), state, deadline, attempts, boot_id,
+             now, now)))
 
     async def decided(self, execution_id: str, final: dict[str, Any],
                       deadline: float | None) -> None:

@@ -670,11 +670,13 @@ def test_a_job_created_with_boto3_reaches_the_agents_mqtt_streams(sb: Sandbox) -
 # --------------------------------------------------------------------------- the README example
 
 
-def _readme_example() -> str:
+def _readme_example(heading: str = "## Drive the sandbox with boto3") -> str:
     text = README.read_text()
-    section = text[text.index("## Drive the sandbox with boto3"):]
+    section = text[text.index(heading):]
+    end = section.find("\n## ", 1)
+    section = section if end < 0 else section[:end]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "the README section has no python example"
+    assert match, f"the README section {heading!r} has no python example"
     return match.group(1)
 
 
@@ -707,23 +709,41 @@ def no_agent_sandbox(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Pa
                 proc.kill()
 
 
+def _run_with_agent(cwd: Path, example: str, *, wait_ready: bool = False) -> tuple[
+        subprocess.CompletedProcess[str], subprocess.Popen[str], str]:
+    """Run ``example`` while the real agent runs on the sandbox's config (as a user would)."""
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
+                              ".sandbox/agent.yaml"], cwd=cwd, env=_user_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        if wait_ready:  # a user starts the agent, sees it is ready, then runs their script
+            assert agent.stderr is not None
+            seen = ""
+            while "ready thing=" not in seen and agent.poll() is None:
+                seen += agent.stderr.readline()
+        ran = subprocess.run([sys.executable, "-c", example], cwd=cwd, env=_user_env(),
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, agent_log = agent.communicate(timeout=60)
+    return ran, agent, agent_log
+
+
 def test_the_readme_example_runs_against_sandbox_no_agent(
         no_agent_sandbox: tuple[subprocess.Popen[str], Path]) -> None:
     sandbox, cwd = no_agent_sandbox
     info = json.loads((cwd / ".sandbox" / "sandbox.json").read_text())
     assert set(info) >= {"thing_name", "mqtt", "control_endpoint", "data_endpoint", "region"}
     assert set(info["mqtt"]) == {"endpoint", "port", "cert", "key", "ca"}
-    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
-                              ".sandbox/agent.yaml"], cwd=cwd, env=_user_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        example = subprocess.run([sys.executable, "-c", _readme_example()], cwd=cwd,
-                                 env=_user_env(), capture_output=True, text=True, timeout=120)
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        _, agent_log = agent.communicate(timeout=60)
+    example, agent, agent_log = _run_with_agent(cwd, _readme_example())
     assert example.returncode == 0, example.stdout + example.stderr + agent_log
     assert example.stdout.startswith("SUCCEEDED hello: boto3"), example.stdout
+    assert agent.returncode == 0, agent_log
+
+    commands, agent, agent_log = _run_with_agent(
+        cwd, _readme_example("## AWS IoT Commands"), wait_ready=True)
+    assert commands.returncode == 0, commands.stdout + commands.stderr + agent_log
+    assert commands.stdout.startswith("SUCCEEDED hello: command"), commands.stdout
     assert agent.returncode == 0, agent_log
 
     sandbox.send_signal(signal.SIGINT)

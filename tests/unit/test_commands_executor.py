@@ -129,7 +129,7 @@ def test_acknowledged_only_once_journaled_and_answered_from_the_journal(tmp_path
         client.send("e-1", {"operation": "h", "args": ["x"]})  # delivered again
         await until(lambda: len([u for u in client.updates if u[0] == "e-1"]) == 2)
         await stopped(executor, journal, task)
-        assert client.acked[:2] == [("e-1", "received"), ("e-2", "finished")]
+        assert client.acked[:2] == [("e-1", "running"), ("e-2", "finished")]
         finals = client.finals()
         assert finals["e-1"]["status"] == "SUCCEEDED"
         assert finals["e-1"]["result"]["n"] == {"s": "7"}
