@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,7 @@ class Agent:
         self._signals = 0
         self._failed = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._executor: CommandExecutor | None = None
 
     def request_stop(self, signum: int | None = None) -> None:
         """Called from the signal handler: only record it (no I/O in a signal handler)."""
@@ -68,7 +70,9 @@ class Agent:
                                 on_change=lambda: self._status(dispatcher))
         executor = None
         if commands is not None:
-            executor = await self._commands_executor(commands, journal, job_logs)
+            executor = await self._commands_executor(commands, journal, job_logs,
+                                                     lambda: self._status(dispatcher))
+            self._executor = executor
         jobs.open_streams(self.config.thing_name)
         connection.add_listener(lambda ev: self._on_connection(ev, dispatcher, executor))
         loop = asyncio.get_running_loop()
@@ -126,7 +130,8 @@ class Agent:
                               request_timeout=self.config.mqtt.request_timeout)
 
     async def _commands_executor(self, client: CommandsClient, journal: Journal,
-                                 job_logs: Path) -> CommandExecutor:
+                                 job_logs: Path, on_change: Callable[[], None]
+                                 ) -> CommandExecutor:
         from agent.commands import CommandExecutor, CommandJournal
 
         records = CommandJournal(journal)
@@ -135,7 +140,8 @@ class Agent:
         log.info("commands enabled thing=%s formats=%s max_concurrent=%d",
                  self.config.thing_name, ",".join(self.config.commands.formats),
                  self.config.commands.max_concurrent)
-        return CommandExecutor(self.config, client, records, job_logs=job_logs)
+        return CommandExecutor(self.config, client, records, job_logs=job_logs,
+                               on_change=on_change)
 
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -209,7 +215,9 @@ class Agent:
         if dispatcher.refusing:
             return f"not taking jobs: {dispatcher.refusing}"
         running = [f"{k[0]}#{k[1]}" for k in dispatcher.running]
-        return f"running {', '.join(running)}" if running else "idle, waiting for jobs"
+        text = f"running {', '.join(running)}" if running else "idle, waiting for jobs"
+        commands = len(self._executor.running) if self._executor is not None else 0
+        return f"{text}; {commands} command(s) running" if commands else text
 
     def _status(self, dispatcher: Dispatcher) -> None:
         self.notifier.status(self._describe(dispatcher))

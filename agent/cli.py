@@ -95,7 +95,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if problems:
         return EXIT_CONFIG
     handlers = ", ".join(sorted(config.handlers)) or "none"
-    print(f"{args.config}: OK (thing {config.thing_name}, handlers: {handlers})")
+    commands = "on (" + ", ".join(config.commands.formats) + ")" if config.commands.enabled \
+        else "off"
+    print(f"{args.config}: OK (thing {config.thing_name}, handlers: {handlers}, "
+          f"commands: {commands})")
     return EXIT_OK
 
 

@@ -119,6 +119,10 @@ class CommandExecutor:
                 log.error("cannot journal a command request execution_id=%s error=%s; not "
                           "acknowledged (delivered again after a reconnect with a persistent "
                           "session)", request.execution_id, exc)
+            except Exception:  # a bug: acknowledged, or a persistent session loops on it
+                log.exception("command request failed execution_id=%s; dropped (the cloud "
+                              "times it out)", request.execution_id)
+                self.client.acknowledge(request)
             await self._maybe_prune()
 
     async def _on_request(self, request: CommandRequest) -> None:

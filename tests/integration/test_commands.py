@@ -277,3 +277,25 @@ def test_a_persistent_session_keeps_a_command_sent_while_the_agent_was_down(
     assert execution["status"] == "SUCCEEDED", agent.log()
     assert runs(tmp_path) == ["q"]
     assert "rejoined_session=True" in agent.log()
+
+
+def test_garbage_on_the_commands_topics_is_ignored(thing: Thing, cloud: Cloud,
+                                                   tmp_path: Path) -> None:
+    root = f"$aws/commands/things/{thing.name}/executions"
+    garbage = [
+        (f"{root}/no-such/response/accepted/json", b"{not json"),
+        (f"{root}/no-such/response/rejected/json", b'{"error": 5}'),
+        (f"{root}/bad$id/request/json", b'{"operation": "echo"}'),
+        (f"{root}/x/request/xml", b"<operation/>"),
+        (f"{root}/x/response/json", b"\xff" * 70000),
+    ]
+    with ready(commands_agent(thing, tmp_path, {"echo": counting(tmp_path)})) as agent:
+        for topic, payload in garbage:
+            thing.emulator.publish_raw(topic, payload)
+        agent.wait_log("ignoring a message on an unknown commands topic")
+        execution = cloud.wait(cloud.start(cloud.command("after", {"operation": "echo",
+                                                                   "args": ["ok"]})))
+        assert agent.stop() == 0
+    assert execution["status"] == "SUCCEEDED", agent.log()
+    assert runs(tmp_path) == ["ok"]
+    assert "Traceback" not in agent.log()

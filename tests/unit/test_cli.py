@@ -46,6 +46,12 @@ def test_check_config_ok(tmp_path: Path) -> None:
     proc = cli("check-config", "--config", str(write(tmp_path, setup_files(tmp_path))))
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout and "handlers: ok" in proc.stdout
+    assert "commands: off" in proc.stdout
+    data = yaml.safe_load((tmp_path / "agent.yaml").read_text())
+    data["commands"] = {"enabled": True, "formats": ["json", "cbor"]}
+    proc = cli("check-config", "--config", str(write(tmp_path, data)))
+    assert proc.returncode == 0, proc.stderr
+    assert "commands: on (json, cbor)" in proc.stdout
 
 
 def test_check_config_lists_every_problem_with_lines(tmp_path: Path) -> None:

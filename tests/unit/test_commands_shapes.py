@@ -200,6 +200,24 @@ def test_requests_that_do_not_run(payload: bytes, fmt: str, content_type: str | 
     assert accepted_by_the_service(read.update)
 
 
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=300) | st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["operation", "args", "x"]), inner, max_size=3),
+    max_leaves=12).map(lambda value: json.dumps(value).encode()),
+       fmt=st.sampled_from(["json", "cbor", "generic"]),
+       content_type=st.none() | st.sampled_from(["application/json", "text/plain", "",
+                                                 "application/cbor; x=y"]))
+def test_any_payload_runs_or_is_rejected_validly(payload: bytes, fmt: str,
+                                                 content_type: str | None) -> None:
+    read = lifecycle.read_request(payload, fmt, content_type, config())
+    if isinstance(read, lifecycle.Rejected):
+        assert accepted_by_the_service(read.update)
+    else:
+        assert read.operation in ("echo", "again")
+
+
 @pytest.mark.parametrize(("fmt", "content_type"), [("json", "application/json"),
                                                    ("generic", None),
                                                    ("generic", "application/json")])
