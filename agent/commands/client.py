@@ -95,7 +95,7 @@ class CommandsClient:
         while self._connection.connected:
             try:
                 await self._connection.subscribe(*self.filters)
-            except (AgentError, Exception) as exc:  # the CRT raises its own error types
+            except Exception as exc:  # ours (refused), or the CRT's own error types
                 attempt += 1
                 delay = backoff(attempt, low=2.0, high=300.0)
                 log.error("commands subscription failed thing=%s error=%s; retrying in=%.0fs "

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from agent.sandbox.commands import NO_RESPONSE
+from agent.sandbox.stack import Stack
 from tests.conftest import Thing
 from tests.integration.agent_harness import AgentProcess, write_handler
 from tests.integration.test_boto3_referee import sandbox_client
@@ -299,3 +300,31 @@ def test_garbage_on_the_commands_topics_is_ignored(thing: Thing, cloud: Cloud,
     assert execution["status"] == "SUCCEEDED", agent.log()
     assert runs(tmp_path) == ["ok"]
     assert "Traceback" not in agent.log()
+
+
+def test_a_broker_restart_mid_command_loses_nothing(own_stack: Stack, tmp_path: Path) -> None:
+    """The session is lost with the broker: subscriptions come back, the result is delivered."""
+    assert own_stack.broker is not None and own_stack.emulator is not None
+    name = "cmd-reconnecting"
+    own_stack.thing(name)
+    thing = Thing(name, own_stack.dir / "things" / name / "agent.yaml", own_stack)
+    cloud = Cloud(thing)
+    gate = tmp_path / "gate"
+    agent = commands_agent(thing, tmp_path, {
+        "wait": counting(tmp_path, f"while [ ! -e {gate} ]; do sleep 0.1; done\n")})
+    with ready(agent):
+        first = cloud.start(cloud.command("mid", {"operation": "wait", "args": ["1"]}))
+        cloud.wait(first, {"IN_PROGRESS"})
+        own_stack.broker.restart()
+        agent.wait_log("disconnected", 10)
+        gate.touch()  # the handler ends while the agent may still be reconnecting
+        assert cloud.wait(first, timeout=60)["status"] == "SUCCEEDED", agent.log()
+        deadline = time.monotonic() + 30
+        while agent.log().count("commands subscribed") < 2:
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.05)
+        second = cloud.wait(cloud.start(cloud.command("after", {"operation": "wait",
+                                                                "args": ["2"]})))
+        assert agent.stop() == 0
+    assert second["status"] == "SUCCEEDED", agent.log()
+    assert runs(tmp_path) == ["1", "2"]
