@@ -287,6 +287,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
     front: HttpFront
     protocol_version = "HTTP/1.1"
     timeout = 120  # an idle keep-alive connection frees its thread after this
+    # TCP_NODELAY: the headers and the body go out as two writes, and with Nagle's algorithm
+    # the body waited for the client's delayed ACK of the headers: 40 ms per boto3 call on
+    # loopback (measured by bench section 7's start_command_execution).
+    disable_nagle_algorithm = True
 
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
