@@ -334,6 +334,25 @@ class Journal:
         """Run ``statements`` in one transaction (all or nothing)."""
         await self._write(*statements)
 
+    async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(db)`` in one transaction on the journal thread: a read and the write it decides
+        on cost one thread hop and one commit (a failure rolls it all back)."""
+        def run() -> T:
+            db = self._db
+            if db is None:
+                raise JournalError("the journal is not open")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                result = fn(db)
+                db.execute("COMMIT")
+            except (sqlite3.Error, OSError) as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise JournalError(f"cannot write the journal {self.path}: {exc}") from exc
+            return result
+
+        return await self._run(run)
+
     async def select(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return await self._query(sql, params)
 

@@ -126,19 +126,9 @@ class CommandExecutor:
             await self._maybe_prune()
 
     async def _on_request(self, request: CommandRequest) -> None:
-        execution_id = request.execution_id
-        record = await self.journal.get(execution_id)
-        if record is not None:
-            self.client.acknowledge(request)
-            action = lifecycle.on_repeat(
-                record, execution_id in self.running or execution_id in self._waiting)
-            log.info("command request delivered again execution_id=%s state=%s action=%s",
-                     execution_id, record.state, action)
-            if action == "answer" and record.final is not None:
-                self._spawn(self._deliver(execution_id, record.final,
-                                          journaled=record.state == "finished"))
-            return
-        message = request.message
+        """Journal a new request (then PUBACK it) and run, reject or time it out; answer one
+        the journal already has from the journal. Read and write are one journal step."""
+        execution_id, message = request.execution_id, request.message
         deadline = None
         if message.message_expiry is not None:
             deadline = time.time() - (time.monotonic() - message.received) \
@@ -149,22 +139,41 @@ class CommandExecutor:
             final: dict[str, Any] | None = work.update
         else:
             final = lifecycle.too_late(deadline, time.time())
+        now = False  # whether its handler starts right away
         if final is not None:
-            await self.journal.decided(execution_id, final, deadline)
-            self.client.acknowledge(request)
+            known = await self.journal.decided(execution_id, final, deadline)
+        else:
+            assert isinstance(work, Work)
+            now = not self._waiting and len(self.running) < self.config.commands.max_concurrent
+            known = await self.journal.received(
+                execution_id, work.operation, work.document, deadline, starting=now,
+                boot_id=self.machine.boot_id() if now else None)
+        self.client.acknowledge(request)
+        if known is not None:
+            self._repeat(known)
+        elif final is not None:
             log.warning("command not run execution_id=%s status=%s reason=%s", execution_id,
                         final["status"], final["statusReason"]["reasonCode"])
             self._spawn(self._deliver(execution_id, final))
-            return
-        assert isinstance(work, Work)
-        now = not self._waiting and len(self.running) < self.config.commands.max_concurrent
-        await self.journal.received(execution_id, work.operation, work.document, deadline,
-                                    starting=now, boot_id=self.machine.boot_id() if now else None)
-        self.client.acknowledge(request)
-        log.info("command received execution_id=%s handler=%s timeout=%s", execution_id,
-                 work.operation, "none" if deadline is None else f"{deadline - time.time():.1f}s")
-        self._waiting[execution_id] = _Command(execution_id, work, deadline, journaled_start=now)
-        self._schedule()
+        else:
+            assert isinstance(work, Work)
+            log.info("command received execution_id=%s handler=%s timeout=%s", execution_id,
+                     work.operation,
+                     "none" if deadline is None else f"{deadline - time.time():.1f}s")
+            self._waiting[execution_id] = _Command(execution_id, work, deadline,
+                                                   journaled_start=now)
+            self._schedule()
+
+    def _repeat(self, record: CommandRecord) -> None:
+        """A request the journal already has (an MQTT redelivery): never run it again."""
+        execution_id = record.execution_id
+        action = lifecycle.on_repeat(
+            record, execution_id in self.running or execution_id in self._waiting)
+        log.info("command request delivered again execution_id=%s state=%s action=%s",
+                 execution_id, record.state, action)
+        if action == "answer" and record.final is not None:
+            self._spawn(self._deliver(execution_id, record.final,
+                                      journaled=record.state == "finished"))
 
     def _schedule(self) -> None:
         """Start waiting commands while there is room; one that waited too long times out."""

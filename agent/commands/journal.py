@@ -17,6 +17,7 @@ never run twice.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,26 +102,42 @@ class CommandJournal:
 
     async def received(self, execution_id: str, operation: str, document: dict[str, Any],
                        deadline: float | None, *, starting: bool = False,
-                       boot_id: str | None = None) -> None:
-        """A request to run, committed before its PUBACK. ``starting``: its handler is spawned
-        next, so this one commit also says what :meth:`started` would (one fsync fewer on the
-        way from a request to its handler)."""
+                       boot_id: str | None = None) -> CommandRecord | None:
+        """A request to run, committed before its PUBACK; or, if the journal already has this
+        execution, nothing written and its record returned (one hop and one commit either way).
+
+        ``starting``: its handler is spawned next, so this commit also says what
+        :meth:`started` would (one fsync fewer on the way from a request to its handler).
+        """
         now = self._clock()
         state, attempts = ("running", 1) if starting else ("received", 0)
-        await self._journal.write((
+        return await self._insert_new(execution_id, (
             "INSERT INTO command_executions (execution_id, operation, document, state, deadline,"
             " attempts, boot_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
             (execution_id, operation, json.dumps(document), state, deadline, attempts, boot_id,
              now, now)))
 
     async def decided(self, execution_id: str, final: dict[str, Any],
-                      deadline: float | None) -> None:
-        """A request answered without running (rejected, expired), committed before its PUBACK."""
+                      deadline: float | None) -> CommandRecord | None:
+        """A request answered without running (rejected, expired), committed before its
+        PUBACK; as :meth:`received`, the existing record if there is one."""
         now = self._clock()
-        await self._journal.write((
+        return await self._insert_new(execution_id, (
             "INSERT INTO command_executions (execution_id, state, deadline, final, created_at, "
             "updated_at) VALUES (?,?,?,?,?,?)",
             (execution_id, "finished", deadline, json.dumps(final), now, now)))
+
+    async def _insert_new(self, execution_id: str,
+                          insert: tuple[str, tuple[Any, ...]]) -> CommandRecord | None:
+        def run(db: sqlite3.Connection) -> CommandRecord | None:
+            row = db.execute(f"SELECT {_COLUMNS} FROM command_executions "
+                             "WHERE execution_id=?", (execution_id,)).fetchone()
+            if row is not None:
+                return _record(row)
+            db.execute(*insert)
+            return None
+
+        return await self._journal.transact(run)
 
     async def started(self, execution_id: str, boot_id: str | None) -> None:
         """Committed before the handler is spawned: a crash from here on reads "was running"."""

@@ -225,9 +225,9 @@ def test_time_runs_out_before_and_during_a_run(thing: Thing, cloud: Cloud,
                                timeout=2)
         queued = cloud.start(cloud.command("queued", {"operation": "nap", "args": ["0"]}),
                              timeout=1)
-        during, before = cloud.wait(long_one), cloud.wait(queued)
-        time.sleep(1.5)  # the cloud's own timer has fired too by now
-        during = cloud.get(long_one)
+        cloud.wait(long_one), cloud.wait(queued)
+        time.sleep(1.5)  # the cloud's own timers have fired, the device has reported since
+        during, before = cloud.get(long_one), cloud.get(queued)
         assert agent.stop() == 0
     assert before["status"] == "TIMED_OUT"
     assert before["statusReason"]["reasonCode"] == "EXPIRED_BEFORE_START"
