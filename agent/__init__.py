@@ -3,6 +3,7 @@
 Supported imports are the names in ``__all__``; everything else is internal.
 """
 
+from agent._version import __version__
 from agent.config import Config, MqttConfig, load_config
 from agent.errors import (
     AgentError,
@@ -22,22 +23,6 @@ from agent.errors import (
     TerminalStateException,
     ThrottlingException,
 )
-
-
-def __getattr__(name: str) -> str:
-    """``__version__``, looked up on first use: importing importlib.metadata costs the daemon,
-    which never needs its own version, about 2 MB of resident memory (issue 5's idle figure)."""
-    if name != "__version__":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        value = version("iot-jobs-agent")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        value = "0.0.0"
-    globals()["__version__"] = value
-    return value
-
 
 __all__ = [
     "AgentError",

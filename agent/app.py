@@ -2,7 +2,9 @@
 
 Signal handlers only set an event; everything else happens on the loop. ``READY=1`` goes to
 systemd once the first connection is up and the pending jobs have been answered; ``WATCHDOG=1``
-is sent from the loop itself, so a wedged loop stops the pings and systemd restarts us.
+is sent from the loop itself, so a wedged loop stops the pings and systemd restarts us. SIGHUP
+re-reads the configuration (:mod:`agent.reload`); :class:`agent.monitor.Monitor` keeps the
+state file that ``iot-jobs-agent status`` reads, and the metrics file.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent._version import __version__
 from agent.config import Config
 from agent.connection import Connection, ConnectionEvent
 from agent.dispatcher import Dispatcher
 from agent.errors import CertificateValidationException, ConfigError
 from agent.jobs import JobsClient
 from agent.journal import Journal
+from agent.monitor import Monitor
+from agent.reload import reread
 from agent.systemd import Notifier
 
 if TYPE_CHECKING:
@@ -44,6 +49,8 @@ class Agent:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0
+        self._reload = asyncio.Event()
+        self._ready = False  # READY=1 sent: from then on a reload is RELOADING=1 ... READY=1
         self._failed = False
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: CommandExecutor | None = None
@@ -54,6 +61,10 @@ class Agent:
         self._stop.set()
         if self._signals > 1:
             self._force.set()  # a second signal: stop handlers now, do not wait the grace
+
+    def request_reload(self) -> None:
+        """SIGHUP: only record it; :meth:`_reloader` does the work on the loop."""
+        self._reload.set()
 
     async def serve(self) -> int:
         self._prepare_state_dir()
@@ -67,32 +78,41 @@ class Agent:
         # Under systemd, per-job logs go where LogsDirectory= points; else under state_dir.
         job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")
                         or Path(self.config.state_dir) / "logs")
+        monitor = Monitor(self.config, journal, job_logs=job_logs, version=__version__,
+                          pid=os.getpid())
         dispatcher = Dispatcher(self.config, jobs, journal, job_logs=job_logs,
-                                on_change=lambda: self._status(dispatcher))
+                                on_change=lambda: self._status(dispatcher, monitor),
+                                on_outcome=monitor.on_outcome)
+        monitor.attach(dispatcher)
+        monitor.changed()
         executor = None
         if commands is not None:
             executor = await self._commands_executor(commands, journal, job_logs,
-                                                     lambda: self._status(dispatcher))
+                                                     lambda: self._status(dispatcher, monitor))
             self._executor = executor
         jobs.open_streams(self.config.thing_name)
         connection.add_listener(lambda ev: self._on_connection(ev, dispatcher, executor))
+        connection.add_listener(monitor.on_connection)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         log.info("starting thing=%s handlers=%s state_dir=%s max_concurrent_jobs=%d",
                  self.config.thing_name, ",".join(sorted(self.config.handlers)) or "-",
                  self.config.state_dir, self.config.max_concurrent_jobs)
         connection.start()
         self._spawn(dispatcher.run(), "agent.dispatcher")
         self._spawn(self._pump_events(jobs, dispatcher), "agent.events")
-        self._spawn(self._ready_when_synced(dispatcher, commands), "agent.ready")
+        self._spawn(self._ready_when_synced(dispatcher, monitor, commands), "agent.ready")
         self._spawn(self._watchdog(), "agent.watchdog")
+        self._spawn(self._reloader(dispatcher, monitor), "agent.reload")
         if executor is not None:
             self._spawn(executor.run(), "agent.commands")
         await self._stop.wait()
         log.info("stopping: no new jobs; running=%d grace=%.0fs", len(dispatcher.running),
                  self.config.shutdown_grace)
         self.notifier.stopping(f"stopping, {len(dispatcher.running)} job(s) running")
+        monitor.set_phase("stopping")
         await asyncio.gather(
             dispatcher.shutdown(self.config.shutdown_grace, self._force),
             *([executor.shutdown(self.config.shutdown_grace, self._force)]
@@ -101,8 +121,9 @@ class Agent:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await connection.stop()
+        await monitor.close()
         await journal.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")
         return 1 if self._failed else 0
@@ -178,7 +199,7 @@ class Agent:
             if event.kind in ("notify", "notify-next", "subscribed"):
                 dispatcher.wake(event.kind)
 
-    async def _ready_when_synced(self, dispatcher: Dispatcher,
+    async def _ready_when_synced(self, dispatcher: Dispatcher, monitor: Monitor,
                                  commands: CommandsClient | None = None) -> None:
         """READY=1 once connected and the pending jobs are answered (and, with Commands on,
         once its topics are subscribed: a script that waits for READY may send a command).
@@ -199,9 +220,38 @@ class Agent:
             log.warning("not connected after %.0fs; reporting ready and still trying",
                         READY_TIMEOUT)
             self.notifier.ready("offline: still connecting (see log)")
+            self._ready = True
             await dispatcher.synced.wait()
         log.info("ready thing=%s", self.config.thing_name)
         self.notifier.ready(self._describe(dispatcher))
+        self._ready = True
+        monitor.set_phase("running")
+
+    async def _reloader(self, dispatcher: Dispatcher, monitor: Monitor) -> None:
+        """Each SIGHUP: re-read the config; apply it whole, or refuse it whole and keep ours."""
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            if self._ready:
+                self.notifier.reloading(f"reloading {self.config.source}")
+            outcome = reread(self.config)
+            if outcome.config is not None:
+                self.config = outcome.config
+                dispatcher.reconfigure(outcome.config)
+                if self._executor is not None:
+                    self._executor.reconfigure(outcome.config)
+                monitor.reconfigure(outcome.config)
+                logging.getLogger("agent").setLevel(outcome.config.log_level)
+            monitor.reloaded(outcome.ok, outcome.message)
+            self._reloaded(self._describe(dispatcher) if outcome.ok
+                           else f"reload refused (see log); {self._describe(dispatcher)}")
+
+    def _reloaded(self, status: str) -> None:
+        """The reload is over: READY=1 ends systemd's "reloading" (not before start-up's)."""
+        if self._ready:
+            self.notifier.ready(status)
+        else:
+            self.notifier.status(status)
 
     async def _watchdog(self) -> None:
         """Ping systemd from the loop: if the loop wedges, the pings stop."""
@@ -220,8 +270,9 @@ class Agent:
         commands = len(self._executor.running) if self._executor is not None else 0
         return f"{text}; {commands} command(s) running" if commands else text
 
-    def _status(self, dispatcher: Dispatcher) -> None:
+    def _status(self, dispatcher: Dispatcher, monitor: Monitor) -> None:
         self.notifier.status(self._describe(dispatcher))
+        monitor.changed()
 
 
 def _pidfd_child_watcher(loop: asyncio.AbstractEventLoop) -> bool:

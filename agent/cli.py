@@ -3,6 +3,11 @@
 Every user mistake ends as one line ``<ExceptionName>: <message>`` on stderr and an exit code a
 supervisor can act on (sysexits): 78 for configuration errors, so systemd's
 ``RestartPreventExitStatus=78`` stops a crash loop on a bad config. A traceback means a bug.
+
+The inspection commands (``status``, ``jobs``, ``log``) only read: the journal through
+:mod:`agent.inspect`, the running agent's state file through :mod:`agent.statefile`; they never
+talk to the agent, so an idle agent stays asleep. ``status`` exits as ``systemctl status`` does:
+0 running, 3 not running, 4 cannot tell.
 """
 
 from __future__ import annotations
@@ -11,33 +16,50 @@ import argparse
 import asyncio
 import faulthandler
 import json
+import os
+import re
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from agent.config import DEFAULT_CONFIG_PATH, Config, check_files, load_config
+from agent._version import __version__
+from agent.config import DEFAULT_CONFIG_PATH, Config, check_files, load_checked, load_config
 from agent.errors import (
     AgentError,
     ConfigError,
     ConnectionFailedError,
     JournalError,
+    NotReadableError,
     RequestFailedError,
     RequestTimeoutError,
     SandboxError,
+    UnknownJobError,
 )
 from agent.logs import configure_logging
+
+if TYPE_CHECKING:
+    from agent.inspect import Target
 
 __all__ = [
     "EXIT_CONFIG",
     "EXIT_FAILURE",
+    "EXIT_NOINPUT",
+    "EXIT_NOT_RUNNING",
     "EXIT_OK",
+    "EXIT_STATUS_UNKNOWN",
     "EXIT_TEMPFAIL",
     "EXIT_UNAVAILABLE",
     "main",
 ]
 
 EXIT_OK = 0
-EXIT_FAILURE = 1  # the service rejected the request
+EXIT_FAILURE = 1  # the service rejected the request; no such job in the journal
+EXIT_NOT_RUNNING = 3  # status: the agent is not running (LSB, as systemctl status)
+EXIT_STATUS_UNKNOWN = 4  # status: cannot tell (the state file or journal is unreadable)
+EXIT_NOINPUT = 66  # EX_NOINPUT: the journal (or a job's log) is missing or unreadable
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: could not connect
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: timed out / not delivered; trying again may work
 EXIT_CONFIG = 78  # EX_CONFIG: fix the configuration
@@ -48,17 +70,17 @@ def exit_code_for(exc: AgentError) -> int:
         return EXIT_CONFIG
     if isinstance(exc, ConnectionFailedError):
         return EXIT_UNAVAILABLE
+    if isinstance(exc, NotReadableError):
+        return EXIT_NOINPUT
+    if isinstance(exc, UnknownJobError):
+        return EXIT_FAILURE
     if isinstance(exc, RequestTimeoutError | RequestFailedError | JournalError):
         return EXIT_TEMPFAIL
     return EXIT_FAILURE
 
 
 def _load(path: Path) -> Config:
-    config = load_config(path)
-    problems = check_files(config)
-    if problems:
-        raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems), problems)
-    return config
+    return load_checked(path)
 
 
 async def _pending(config: Config) -> dict[str, object]:
@@ -110,6 +132,131 @@ def cmd_pending(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _target(path: Path) -> Target:
+    """Where the agent's state is, from its config; from a broken config too (with a warning),
+    so that a person who broke it still sees what the running agent does."""
+    from agent.inspect import Target
+
+    try:
+        return Target.of(load_config(path))
+    except ConfigError:
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise  # no config at all: one line saying so
+        target = Target.lenient(path)
+        print(f"warning: {path} has problems (see `iot-jobs-agent check-config`); its "
+              f"state_dir is {target.state_dir}", file=sys.stderr)
+        return target
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.inspect import status_report
+    from agent.views import render_status
+
+    config = _target(args.config)
+    now = time.time()
+    try:
+        report = status_report(config, now)
+    except NotReadableError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_STATUS_UNKNOWN
+    if args.json:
+        _print_json(report)
+    else:
+        print("\n".join(render_status(report, now)))
+    return EXIT_OK if report["running"] else EXIT_NOT_RUNNING
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from agent.inspect import JournalReader, executions, journal_path, logs_dir
+    from agent.statefile import read_state, state_path
+    from agent.views import render_jobs
+
+    config = _target(args.config)
+    with JournalReader(journal_path(config.state_dir)) as db:
+        found = executions(db, limit=args.limit or None, status=args.status)
+    logs = logs_dir(config.state_dir, read_state(state_path(config.state_dir)))
+    items = [e.to_json(logs) for e in found]
+    if args.json:
+        _print_json(items)
+    else:
+        print("\n".join(render_jobs(items, time.time())))
+    return EXIT_OK
+
+
+_JOB_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from agent.inspect import JournalReader, copy_log, execution, journal_path, log_path, logs_dir
+    from agent.procfs import boot_id
+    from agent.statefile import liveness, read_state, state_path
+
+    if not _JOB_ID.fullmatch(args.job_id):
+        raise UnknownJobError(f"{args.job_id!r} is not a job id (1-64 letters, digits, '_', '-')")
+    config = _target(args.config)
+    state_file = state_path(config.state_dir)
+    with JournalReader(journal_path(config.state_dir)) as db:
+        found = execution(db, args.job_id, args.execution)
+        path = log_path(logs_dir(config.state_dir, read_state(state_file)), found.job_id,
+                        found.execution_number)
+
+        def running() -> bool:
+            current = execution(db, found.job_id, found.execution_number)
+            return current.active and liveness(
+                read_state(state_file), current_boot=lambda: boot_id(config.boot_id_path)).running
+
+        follow = args.follow and running()
+        if not path.exists() and not follow:
+            raise NotReadableError(
+                f"no log for job {found.job_id} execution {found.execution_number} at {path}: "
+                + ("its handler has not started yet" if found.active
+                   else "its handler never ran, or the log was removed"))
+        copy_log(path, sys.stdout.buffer, running if follow else None)
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from agent.inspect import Target
+    from agent.statefile import liveness, read_state, state_path
+
+    path = state_path(Target.lenient(args.config).state_dir)
+    state = read_state(path)
+    alive = liveness(state)
+    if state is None or not alive.running or (args.pid and state.get("pid") != args.pid):
+        if args.pid:
+            os.kill(args.pid, signal.SIGHUP)
+            print(f"sent SIGHUP to pid {args.pid}; no state file of it at {path}, so its "
+                  "verdict is only in its log")
+            return EXIT_OK
+        print(f"the agent is not running ({alive.why})", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    before = (state.get("reload") or {}).get("generation", 0)
+    os.kill(int(state["pid"]), signal.SIGHUP)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        state = read_state(path)
+        verdict = (state or {}).get("reload") or {}
+        if verdict.get("generation", 0) > before:
+            if verdict.get("ok"):
+                print(f"reloaded {(state or {}).get('config')}: {verdict.get('message')}")
+                return EXIT_OK
+            print(f"reload refused: {verdict.get('message')}; the agent keeps running its "
+                  "previous configuration (every problem is in its log)", file=sys.stderr)
+            return EXIT_CONFIG
+        if not liveness(state).running:
+            print("the agent stopped before it answered the reload", file=sys.stderr)
+            return EXIT_FAILURE
+    print(f"the agent did not answer the reload within {args.timeout:g}s; see its log",
+          file=sys.stderr)
+    return EXIT_TEMPFAIL
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from agent.sandbox.demo import DEFAULT_SANDBOX_DIR, run_sandbox
 
@@ -120,11 +267,41 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         raise SandboxError(str(exc)) from exc
 
 
+_STATUSES = ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED",
+             "REMOVED", "CANCELED")
+
+
+def _status(text: str) -> str:
+    if text.upper() not in _STATUSES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job execution status; one of "
+                                         f"{', '.join(_STATUSES)}")
+    return text.upper()
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iot-jobs-agent", description="Run AWS IoT Jobs on this device.")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output on stderr (-v info, -vv debug)")
+    parser.add_argument("-V", "--version", action="version",
+                        version=f"iot-jobs-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -144,6 +321,39 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(boto3 get_pending_job_executions shape)")
     with_config(p)
     p.set_defaults(func=cmd_pending)
+
+    p = sub.add_parser("status", help="is the agent running and connected, what is it doing; "
+                                      "exit 0 running, 3 not running, 4 cannot tell")
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("jobs", help="job executions in the journal, newest first")
+    with_config(p)
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list (boto3's key names: jobId, executionNumber, status)")
+    p.add_argument("--limit", type=_count, default=20, metavar="N",
+                   help="at most N executions (default 20; 0 for all)")
+    p.add_argument("--status", type=_status, metavar="S",
+                   help="only this status: IN_PROGRESS, SUCCEEDED, FAILED, REJECTED...")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("log", help="a job's handler output (its newest execution by default)")
+    with_config(p)
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--execution", type=_positive, metavar="N", help="this execution number")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing while the job runs; return when it ends")
+    p.set_defaults(func=cmd_log)
+
+    p = sub.add_parser("reload", help="make the running agent re-read its config (SIGHUP) and "
+                                      "wait for its verdict: exit 0 applied, 78 refused")
+    with_config(p)
+    p.add_argument("--pid", type=_positive, metavar="PID",
+                   help="the agent's pid (systemd's $MAINPID), if its state file is not found")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the verdict (default 30)")
+    p.set_defaults(func=cmd_reload)
 
     # Not `from agent.sandbox.demo import DEFAULT_SANDBOX_DIR` for the default: that imports the
     # whole sandbox (broker, emulator, HTTP fronts) into every agent process, 2.8 MB of resident

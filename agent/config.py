@@ -36,6 +36,7 @@ __all__ = [
     "MqttConfig",
     "check_files",
     "handler_program_problem",
+    "load_checked",
     "load_config",
     "parse_duration",
 ]
@@ -263,6 +264,9 @@ class Config:
     log_level: str = _setting("debug, info, warning or error", default="INFO", parse=_log_level)
     log_format: str = _setting("text (journald-aware) or json (one object per line)",
                                default="text", parse=_log_format)
+    metrics_file: Path | None = _setting(
+        "node exporter textfile (e.g. /var/lib/prometheus/node-exporter/iot-jobs-agent.prom), "
+        "rewritten atomically when a figure changes; unset: no metrics", default=None)
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
     @property
@@ -456,8 +460,21 @@ def load_config(path: Path | str) -> Config:
         key=base / mqtt.key,
         ca=base / mqtt.ca if mqtt.ca is not None else None,
     )
+    metrics = base / config.metrics_file if config.metrics_file is not None else None
     return dataclasses.replace(config, mqtt=resolved, state_dir=base / config.state_dir,
-                               source=path)
+                               metrics_file=metrics, source=path)
+
+
+def load_checked(path: Path | str) -> Config:
+    """:func:`load_config`, then :func:`check_files`: what ``run`` and a reload accept.
+
+    Raises one :class:`ConfigError` carrying every problem (``.problems``).
+    """
+    config = load_config(path)
+    problems = check_files(config)
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems), problems)
+    return config
 
 
 def check_files(config: Config) -> list[str]:

@@ -58,6 +58,7 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     interrupted: str | None = None  # set when the agent itself stops the handler
     started: float = field(default_factory=time.monotonic)
+    step: str | None = None  # the latest "step" the handler reported (for `status`)
 
     @property
     def where(self) -> str:
@@ -69,7 +70,9 @@ class Dispatcher:
 
     def __init__(self, config: Config, jobs: JobsClient, journal: Journal, *,
                  job_logs: Path | None = None, machine: Machine | None = None,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 on_outcome: Callable[[ExecutionKey, str, dict[str, str]], None] | None = None,
+                 ) -> None:
         self.config = config
         self.jobs = jobs
         self.journal = journal
@@ -80,6 +83,8 @@ class Dispatcher:
         self.delivering: dict[ExecutionKey, Reporter] = {}
         self.refusing: str | None = None  # why new jobs are not taken (journal unwritable)
         self.synced = asyncio.Event()  # set after the first successful sync
+        self.last_sync: float | None = None  # wall clock of the last successful sync
+        self.last_sync_error: str | None = None  # why the latest sync failed, until one works
         self._recovered = False
         self._wake = asyncio.Event()
         self._sync_lock = asyncio.Lock()
@@ -88,12 +93,20 @@ class Dispatcher:
         self._finished_since_prune = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._on_change = on_change or (lambda: None)
+        # Observers only (status, metrics): an execution ended with this status and details.
+        self._on_outcome = on_outcome or (lambda key, status, details: None)
 
     # ------------------------------------------------------------------ main loop
 
     def wake(self, reason: str) -> None:
         log.debug("sync requested reason=%s", reason)
         self._wake.set()
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: new jobs use ``config``'s handlers and limits; running ones keep theirs."""
+        self.config = config
+        self.machine.config = config
+        self.wake("reload")
 
     def reconnected(self) -> None:
         """Connected again: retry owed statuses now, and resync."""
@@ -117,6 +130,8 @@ class Dispatcher:
                 attempt = 0
             except Exception as exc:  # the loop that takes jobs must outlive any one failure
                 attempt += 1
+                self.last_sync_error = f"{type(exc).__name__}: {exc}"
+                self._on_change()
                 delay = backoff(attempt, low=1.0, high=min(60.0, self.config.poll_interval))
                 if isinstance(exc, AgentError):
                     log.warning("sync failed, retrying in=%.1fs error=%s: %s", delay,
@@ -145,6 +160,7 @@ class Dispatcher:
                 await self._check_gone(key)
             await self._claim_queued(queued)
             self.synced.set()
+            self.last_sync, self.last_sync_error = time.time(), None
             self._on_change()
         await self._maybe_prune()
 
@@ -277,13 +293,15 @@ class Dispatcher:
         heartbeat = asyncio.create_task(reporter.run(), name=f"report:{job.key[0]}")
         watcher: asyncio.Task[None] | None = None
         try:
-            job.process = HandlerProcess(self._request(job), on_progress=reporter.progress)
+            job.process = HandlerProcess(self._request(job),
+                                         on_progress=lambda d: self._progress(job, d))
             # Committed before the spawn: a crash from here on reads "may have started".
             await self.journal.started(job.key, None, None, self.machine.boot_id())
             await job.process.start()
             pid = job.process.pid
             await self.journal.update(job.key, pid=pid, pid_start=self.machine.start_time(pid))
             log.info("handler started %s phase=%s pid=%s", job.where, job.phase, pid)
+            self._on_change()
             watcher = asyncio.create_task(self._stop_when_gone(job))
             result = await job.process.wait()
         except Exception as exc:  # a bug or a journal failure must not strand the job
@@ -304,6 +322,12 @@ class Dispatcher:
             log.exception("could not report %s; the outbox or the next start will", job.where)
             self._done(job)
 
+    def _progress(self, job: RunningJob, details: dict[str, str]) -> None:
+        job.reporter.progress(details)
+        if details.get("step") and details["step"] != job.step:
+            job.step = details["step"]
+            self._on_change()
+
     async def _stop_when_gone(self, job: RunningJob) -> None:
         await job.reporter.gone.wait()
         if job.process is not None and job.process.running:
@@ -315,6 +339,7 @@ class Dispatcher:
         if job.reporter.gone.is_set():
             log.info("handler stopped after cancellation %s outcome=%s; no status sent",
                      job.where, result.outcome)
+            self._on_outcome(job.key, "CANCELED", {"reason": job.reporter.gone_reason})
             await self._forget_safely(job.key)
             self._done(job)
             return
@@ -335,6 +360,7 @@ class Dispatcher:
     async def _conclude(self, key: ExecutionKey, reporter: Reporter, status: str,
                         details: dict[str, str]) -> None:
         """Commit the verdict with the update that reports it, then deliver it."""
+        self._on_outcome(key, status, details)
         try:
             await self.journal.finish(key, status, details)
         except JournalError as exc:
@@ -348,10 +374,12 @@ class Dispatcher:
     async def _deliver(self, key: ExecutionKey, reporter: Reporter) -> bool:
         deadline = time.monotonic() + _FINAL_REPORT_GRACE if self._stopping else None
         self.delivering[key] = reporter
+        self._on_change()  # a status is owed
         try:
             delivered = await reporter.deliver(deadline=deadline)
         finally:
             self.delivering.pop(key, None)
+            self._on_change()
         if not delivered and not reporter.gone.is_set():
             log.warning("status still owed job_id=%s execution=%d; kept in the outbox for the "
                         "next start", *key)
@@ -426,8 +454,9 @@ class Dispatcher:
         elif action.kind in ("run", "verify"):
             work = parse_document_record(record, self.config)
             if work is None:
-                await self.journal.finish(key, "FAILED", {
-                    "reason": f"handler {record.operation!r} is no longer configured"})
+                details = {"reason": f"handler {record.operation!r} is no longer configured"}
+                self._on_outcome(key, "FAILED", details)
+                await self.journal.finish(key, "FAILED", details)
                 await self._deliver(key, self._reporter(key, action.version, 1))
                 return
             await self.journal.update(key, version=action.version)
@@ -435,6 +464,7 @@ class Dispatcher:
         elif action.kind == "report":
             reporter = self._reporter(key, action.version or record.version, record.step_minutes)
             if action.status is not None:
+                self._on_outcome(key, action.status, action.details)
                 await self.journal.finish(key, action.status, action.details)
             self._spawn(self._deliver(key, reporter))
 
@@ -469,6 +499,8 @@ class Dispatcher:
             self._wake.set()  # it changed meanwhile: decide again from a fresh list
         except _GONE:
             pass  # already ended in the cloud: nothing to say
+        else:
+            self._on_outcome(key, status, {"reason": reason})
 
     # ------------------------------------------------------------------ housekeeping
 

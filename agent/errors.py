@@ -8,6 +8,9 @@ Callers catch by meaning, not by where an error came from::
     │   └── CertificateValidationException   the TLS handshake was refused (certificate, key or CA)
     ├── RequestTimeoutError              no reply to a Jobs request within the timeout
     ├── JournalError                     the local journal cannot be read or written (disk full)
+    ├── NotReadableError                 a file an inspection command reads (the journal, the
+    │                                    agent's state file) is missing or unreadable
+    ├── UnknownJobError                  the journal has no such job execution
     ├── SandboxError                     the local sandbox could not start (missing tool, port)
     ├── RequestFailedError               the request never reached the service (broker refused
     │                                    the publish, client stopped); retrying may help
@@ -44,6 +47,7 @@ __all__ = [
     "InvalidStateTransitionException",
     "JobsServiceError",
     "JournalError",
+    "NotReadableError",
     "RequestFailedError",
     "RequestTimeoutError",
     "ResourceNotFoundException",
@@ -51,6 +55,7 @@ __all__ = [
     "ServiceUnavailableException",
     "TerminalStateException",
     "ThrottlingException",
+    "UnknownJobError",
     "error_from_rejection",
 ]
 
@@ -110,6 +115,16 @@ class RequestFailedError(AgentError):
 
 class JournalError(AgentError):
     """The journal under ``state_dir`` cannot be read or written (disk full, permissions)."""
+
+
+class NotReadableError(AgentError):
+    """An inspection command (``status``, ``jobs``, ``log``) cannot read what it needs: no
+    journal yet, a permission problem, a corrupt file. The message names the file and the fix."""
+
+
+class UnknownJobError(AgentError):
+    """The journal has no record of this job (or of this execution of it): never run on this
+    device, or pruned after ``retention``."""
 
 
 class SandboxError(AgentError):

@@ -209,6 +209,18 @@ class Journal:
 
         return await self._run(query)
 
+    async def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only ``query`` (one of :mod:`agent.inspect`'s) on the journal thread."""
+        def run() -> T:
+            if self._db is None:
+                raise JournalError("the journal is not open")
+            try:
+                return query(self._db)
+            except sqlite3.Error as exc:
+                raise JournalError(f"cannot read the journal {self.path}: {exc}") from exc
+
+        return await self._run(run)
+
     # ------------------------------------------------------------------ executions
 
     async def get(self, key: tuple[str, int]) -> Record | None:
@@ -255,7 +267,8 @@ class Journal:
         await self._write(
             ("UPDATE executions SET state=?, result=?, updated_at=? "
              "WHERE job_id=? AND execution_number=?",
-             (state, json.dumps({"status": status, "details": details}), now, *key)),
+             (state, json.dumps({"status": status, "details": details, "finishedAt": now}),
+              now, *key)),
             ("INSERT INTO outbox (job_id, execution_number, status, details, final, created_at) "
              "VALUES (?,?,?,?,?,?)",
              (*key, status, json.dumps(details), int(status != "IN_PROGRESS"), now)))

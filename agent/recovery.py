@@ -33,6 +33,7 @@ from pathlib import Path
 from agent.config import Config
 from agent.jobs.shapes import TERMINAL_STATUSES
 from agent.journal import Record
+from agent.procfs import boot_id, process_start_time
 
 __all__ = ["REBOOT_EXIT_CODE", "Action", "Machine", "plan_recovery"]
 
@@ -97,24 +98,11 @@ class Machine:
         self.config = config
 
     def boot_id(self) -> str | None:
-        try:
-            return Path(self.config.boot_id_path).read_text().strip() or None
-        except OSError:
-            return None
+        return boot_id(self.config.boot_id_path)
 
-    @staticmethod
-    def start_time(pid: int | None) -> int | None:
-        """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22):
-        with the pid, it tells our old handler from an unrelated process that reused the pid."""
-        if pid is None:
-            return None
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        if fields[0] == "Z":
-            return None
-        return int(fields[19])
+    # The process's start time in clock ticks since boot: with the pid, it tells our old
+    # handler from an unrelated process that reused the pid.
+    start_time = staticmethod(process_start_time)
 
     def alive(self, pid: int | None, start: int | None) -> bool:
         return pid is not None and start is not None and self.start_time(pid) == start

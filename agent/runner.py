@@ -135,11 +135,14 @@ class _Output:
         self.write(("" if self.line_start else "\n").encode() + line.encode() + b"\n")
 
     def write(self, data: bytes) -> None:
-        """Buffered file writes; a full or broken disk costs the log, never the run."""
+        """File writes, flushed at once (``iot-jobs-agent log --follow`` shows output as it
+        comes; pipe reads are large, so a flood still makes few syscalls); a full or broken
+        disk costs the log, never the run."""
         if self.log_file is None or not data:
             return
         try:
             self.log_file.write(data)
+            self.log_file.flush()
         except (OSError, ValueError) as exc:
             log.warning("handler log write failed, logging stopped error=%s", exc)
             self.log_file = None

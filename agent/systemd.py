@@ -133,6 +133,18 @@ class Notifier:
             return False
         return self._send(status=text)
 
+    def reloading(self, status: str = "reloading the configuration") -> bool:
+        """A reload began (SIGHUP): ``RELOADING=1``; send :meth:`ready` when it is over.
+
+        With ``MONOTONIC_USEC`` (``CLOCK_MONOTONIC`` now, in microseconds) in the same datagram:
+        systemd 253 and later need it for ``Type=notify-reload``, to tell this reload's
+        notifications from an earlier one's. systemd 252 (Debian 12) has no notify-reload and
+        ignores the field; under ``Type=notify`` a ``RELOADING=1`` that arrives while the unit
+        is running shows it "reloading" until the ``READY=1``.
+        """
+        return self._send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
+                          status=status)
+
     def stopping(self, status: str = "stopping") -> bool:
         """Shutdown has begun, so systemd shows "deactivating" instead of a silent wait."""
         return self._send("STOPPING=1", status=status)

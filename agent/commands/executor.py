@@ -104,6 +104,11 @@ class CommandExecutor:
         self._on_change = on_change or (lambda: None)
         self.recovered = asyncio.Event()
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: commands started from now on use ``config``'s handlers and limits."""
+        self.config = config
+        self.machine.config = config
+
     # ------------------------------------------------------------------ requests
 
     async def run(self) -> None:

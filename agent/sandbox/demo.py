@@ -43,6 +43,21 @@ HELLO = """#!/bin/sh
 echo "hello: $*"
 echo "job $JOB_ID, execution $EXECUTION_NUMBER, on $THING_NAME"
 """
+COUNT = """#!/bin/sh
+# Count to N (default 10), one a second, each a step: watch it with `iot-jobs-agent status`
+# and `iot-jobs-agent log JOB_ID --follow`.
+n=${1:-10}
+i=1
+while [ "$i" -le "$n" ]; do
+    echo "tick $i of $n"
+    if [ -n "${JOB_PROGRESS_FD:-}" ]; then
+        printf '{"step": "tick %s of %s"}\\n' "$i" "$n" >&"$JOB_PROGRESS_FD"
+    fi
+    sleep 1
+    i=$((i + 1))
+done
+"""
+SCRIPTS = {"hello": HELLO, "count": COUNT}
 
 
 def _say(message: str) -> None:
@@ -60,9 +75,10 @@ def _install(directory: Path) -> dict[str, Any]:
         target = handlers / source.name
         shutil.copyfile(source, target)
         target.chmod(0o755)
-    hello = scripts / "hello"
-    hello.write_text(HELLO)
-    hello.chmod(0o755)
+    for name, text in SCRIPTS.items():
+        script = scripts / name
+        script.write_text(text)
+        script.chmod(0o755)
     return {
         "run-script": {"command": [str(handlers / "run-script.sh")], "timeout": "1m",
                        "environment": {"SCRIPTS_DIR": str(scripts)}},
@@ -113,8 +129,10 @@ def run_sandbox(directory: Path, *, once: bool, agent: bool = True) -> int:
     with Stack(directory) as stack:
         assert stack.broker is not None and stack.emulator is not None and stack.pki is not None
         config = yaml.safe_load(stack.thing(SANDBOX_THING).read_text())
+        (directory / "metrics").mkdir(exist_ok=True)  # node exporter's textfile directory
         config.update(state_dir=str(directory / "state"), poll_interval="1m",
                       progress_interval="1s", shutdown_grace="10s", kill_grace="3s",
+                      metrics_file=str(directory / "metrics" / "iot-jobs-agent.prom"),
                       commands={"enabled": True}, handlers=_install(directory))
         # A command sent while the agent restarts waits for it in its session.
         config["mqtt"]["session_expiry"] = "10m"
@@ -180,7 +198,7 @@ def _demo(stack: Stack, agent_yaml: Path, process: subprocess.Popen[bytes] | Non
         return 0 if ok else 1
     if process is None:
         _say(f"no agent started; run one: iot-jobs-agent run --config {agent_yaml}")
-    _say(f"running. Try: iot-jobs-agent pending --config {agent_yaml}  (Ctrl-C stops)")
+    _say(f"running. Try: iot-jobs-agent status --config {agent_yaml}  (Ctrl-C stops)")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -32,3 +32,11 @@ def test_sandbox_once_runs_the_demo_job_and_command_end_to_end(tmp_path: Path) -
     assert info["thing_name"] == config.thing_name
     assert info["mqtt"]["port"] == config.mqtt.port
     assert (tmp_path / "state" / "logs" / "demo-1.1.log").exists()
+    # The inspection commands work on it; it wrote metrics for node exporter.
+    jobs = subprocess.run([sys.executable, "-m", "agent", "jobs", "--json", "--config",
+                           str(tmp_path / "agent.yaml")], capture_output=True, text=True,
+                          timeout=60)
+    assert [(j["jobId"], j["status"]) for j in json.loads(jobs.stdout)] == [
+        ("demo-1", "SUCCEEDED")]
+    metrics = (tmp_path / "metrics" / "iot-jobs-agent.prom").read_text()
+    assert 'iot_jobs_agent_jobs_total{outcome="succeeded"} 1' in metrics

@@ -125,3 +125,92 @@ def test_example_config_covers_every_setting() -> None:
     assert set(data["commands"]) == {f.name for f in dataclasses.fields(CommandsConfig)}
     seen = set().union(*(h.keys() for h in data["handlers"].values()))
     assert seen == {f.name for f in dataclasses.fields(HandlerConfig)}
+
+
+# --- the inspection commands, without an agent (the integration tests run one) -------------
+
+
+def test_version() -> None:
+    from agent import __version__
+
+    for flag in ("--version", "-V"):
+        proc = cli(flag)
+        assert (proc.returncode, proc.stdout) == (0, f"iot-jobs-agent {__version__}\n")
+    from importlib.metadata import version
+
+    assert version("iot-jobs-agent") == __version__  # pyproject reads agent/_version.py
+
+
+def test_inspection_commands_with_a_missing_config(tmp_path: Path) -> None:
+    for args in (["status"], ["jobs"], ["log", "job-1"], ["status", "--json"]):
+        proc = cli(*args, "--config", str(tmp_path / "nope.yaml"))
+        assert proc.returncode == 78, args
+        assert proc.stderr == (f"ConfigError: config file {tmp_path / 'nope.yaml'} does not "
+                               "exist: create it (see config/agent.yaml) or pass --config PATH\n")
+        assert proc.stdout == ""
+
+
+def test_inspection_before_the_agent_ever_ran(tmp_path: Path) -> None:
+    path = write(tmp_path, setup_files(tmp_path))
+    status = cli("status", "--config", str(path))
+    assert status.returncode == 3  # not running, as systemctl status says
+    assert status.stdout.startswith("iot-jobs-agent: not running (no state file")
+    assert cli("status", "--json", "--config", str(path)).stdout.count('"running": false') == 1
+    for args in (["jobs"], ["log", "job-1"]):
+        proc = cli(*args, "--config", str(path))
+        assert proc.returncode == 66, args  # EX_NOINPUT
+        assert proc.stderr == (f"NotReadableError: no journal at {tmp_path}/state/journal.db: "
+                               f"the agent has not run with state_dir {tmp_path}/state "
+                               "(is --config the agent's config?)\n")
+
+
+def test_inspection_errors_are_one_line(tmp_path: Path) -> None:
+    import asyncio
+
+    from agent.journal import Journal
+
+    path = write(tmp_path, setup_files(tmp_path))
+    state = tmp_path / "state"
+
+    async def journal_with_one_job() -> None:
+        journal = Journal(state / "journal.db")
+        await journal.open()
+        await journal.claiming(("job-1", 1), "ok", {"operation": "ok"}, 1, 2)
+        await journal.close()
+
+    asyncio.run(journal_with_one_job())
+    unknown = cli("log", "job-2", "--config", str(path))
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("UnknownJobError: no job job-2 in the journal")
+    assert unknown.stderr.count("\n") == 1
+    assert cli("log", "job-1", "--execution", "4", "--config", str(path)).stderr == (
+        "UnknownJobError: job job-1 has no execution 4 in the journal (see `iot-jobs-agent "
+        "jobs`)\n")
+    traversal = cli("log", "../../etc/passwd", "--config", str(path))
+    assert traversal.returncode == 1 and "is not a job id" in traversal.stderr
+    no_log = cli("log", "job-1", "--config", str(path))
+    assert no_log.returncode == 66 and "its handler has not started yet" in no_log.stderr
+    bad_status = cli("jobs", "--status", "DONE", "--config", str(path))
+    assert bad_status.returncode == 2 and "'DONE' is not a job execution status" in \
+        bad_status.stderr
+    # A journal that is not one: one line, EX_NOINPUT; status cannot tell: 4.
+    (state / "journal.db").write_bytes(b"garbage" * 1000)
+    for suffix in ("-wal", "-shm"):
+        (state / f"journal.db{suffix}").unlink(missing_ok=True)
+    corrupt = cli("jobs", "--config", str(path))
+    assert corrupt.returncode == 66
+    assert corrupt.stderr.startswith(f"NotReadableError: cannot read the journal {state}")
+    assert corrupt.stderr.count("\n") == 1
+    assert cli("status", "--config", str(path)).returncode == 4
+    (state / "status.json").mkdir()
+    unreadable = cli("status", "--config", str(path))
+    assert unreadable.returncode == 4
+    assert unreadable.stderr.startswith("NotReadableError: cannot read the agent's state file")
+    assert "Traceback" not in corrupt.stderr + unreadable.stderr
+
+
+def test_reload_without_an_agent(tmp_path: Path) -> None:
+    path = write(tmp_path, setup_files(tmp_path))
+    proc = cli("reload", "--config", str(path))
+    assert proc.returncode == 3
+    assert proc.stderr.startswith("the agent is not running (no state file")

@@ -52,7 +52,8 @@ def test_lifecycle_survives_reopening(tmp_path: Path) -> None:
     record, outbox = run(second())
     assert (record.state, record.attempts, record.pid, record.boot_id) == ("finished", 1, 4242,
                                                                            "boot-a")
-    assert record.result == {"status": "SUCCEEDED", "details": {"reason": "exit code 0"}}
+    assert record.result == {"status": "SUCCEEDED", "details": {"reason": "exit code 0"},
+                             "finishedAt": Clock().now}
     assert [(e.status, e.final) for e in outbox] == [("SUCCEEDED", True)]
 
 

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,6 +181,20 @@ def test_notifier_ready_status_stopping(listener: Listener) -> None:
     ]
 
 
+def test_notifier_reloading_carries_the_monotonic_time(listener: Listener) -> None:
+    n = Notifier(listener.env)
+    before = time.monotonic_ns() // 1000
+    assert n.reloading("reloading /etc/x.yaml") is True
+    after = time.monotonic_ns() // 1000
+    assert n.ready("idle") is True
+    [reloading, ready] = listener.received()
+    lines = reloading.decode().split("\n")
+    assert lines[0] == "RELOADING=1" and lines[2] == "STATUS=reloading /etc/x.yaml"
+    key, value = lines[1].split("=")
+    assert key == "MONOTONIC_USEC" and before <= int(value) <= after  # CLOCK_MONOTONIC, in us
+    assert ready == b"READY=1\nSTATUS=idle"
+
+
 def test_notifier_watchdog_rate_limits_itself(listener: Listener) -> None:
     clock = Clock()
     n = Notifier({**listener.env, "WATCHDOG_USEC": "60000000"}, clock=clock)
@@ -259,17 +274,20 @@ def test_unit_has_the_required_directives() -> None:
                       "StateDirectory=iot-jobs-agent", "LogsDirectory=iot-jobs-agent",
                       "ConfigurationDirectory=iot-jobs-agent", "WantedBy=multi-user.target",
                       "ExecStart=/usr/local/bin/iot-jobs-agent run --config "
-                      "/etc/iot-jobs-agent/config.yaml"]:
+                      "/etc/iot-jobs-agent/config.yaml",
+                      "ExecReload=/usr/local/bin/iot-jobs-agent reload --config "
+                      "/etc/iot-jobs-agent/config.yaml --pid $MAINPID"]:
         assert directive in lines, directive
 
 
 @needs_analyze
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    # verify insists that ExecStart's program exists; the shipped path is only there on a device,
-    # so check a copy whose ExecStart runs this Python instead (same unit name, same arguments).
+    # verify insists that ExecStart's (and ExecReload's) program exists; the shipped path is only
+    # there on a device, so check a copy that runs this Python instead (same unit name, same
+    # arguments).
     text = UNIT.read_text()
-    copy = text.replace("ExecStart=/usr/local/bin/iot-jobs-agent ", f"ExecStart={sys.executable} ")
-    assert copy != text
+    copy = text.replace("=/usr/local/bin/iot-jobs-agent ", f"={sys.executable} ")
+    assert copy.count(sys.executable) == 2
     (tmp_path / UNIT.name).write_text(copy)
     result = analyze("verify", "--man=no", "--generators=no", str(tmp_path / UNIT.name))
     # verify exits 0 on unknown keys and bad values, only warning about them: demand silence.
