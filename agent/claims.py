@@ -94,7 +94,7 @@ def document_problem(text: str | None) -> str | None:
     except UnicodeEncodeError:
         return "it contains a lone UTF-16 surrogate, which is not Unicode"
     except ValueError:
-        return None  # not JSON: parse_document says so, in its words
+        return None  # not JSON: plan_job says so, in its words
     return None
 
 

@@ -131,7 +131,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if problems:
         return EXIT_CONFIG
     handlers = ", ".join(sorted(config.handlers)) or "none"
-    print(f"{args.config}: OK (thing {config.thing_name}, handlers: {handlers})")
+    commands = "on (" + ", ".join(config.commands.formats) + ")" if config.commands.enabled \
+        else "off"
+    from agent.runner import format_duration
+    session = (f"kept {format_duration(config.mqtt.session_expiry)} across restarts"
+               if config.mqtt.session_expiry > 0 else "clean at each start")
+    print(f"{args.config}: OK (thing {config.thing_name}, handlers: {handlers}, "
+          f"commands: {commands}, mqtt session: {session})")
     return EXIT_OK
 
 

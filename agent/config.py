@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "SAFE_PATH",
     "SHIPPED_HANDLERS",
+    "CommandsConfig",
     "Config",
     "HandlerConfig",
     "MqttConfig",
@@ -120,6 +121,15 @@ class MqttConfig:
     iot_core_limits: bool = _setting(
         "keep the SDK's client-side AWS IoT Core limits (100 operations/s, 512 KiB/s); false "
         "only for a broker without them, such as a local Mosquitto", default=True)
+    # Without it (0) the agent starts each run with a clean session and asks the broker to keep
+    # it for an hour across network drops only (agent.connection.SESSION_EXPIRY); a clean stop
+    # ends it. Set, the session (subscriptions, QoS 1 messages sent to us while we are away;
+    # AWS IoT: 1 hour by default, up to 7 days) also outlives a restart or a crash: a command
+    # sent meanwhile is still delivered.
+    session_expiry: float = _setting(
+        "keep this device's MQTT session (subscriptions and messages queued while it is "
+        "offline) for this long across restarts too; 0 = a clean session at each start, kept "
+        "1h across network drops only", default=0.0, parse=parse_duration)
 
     def __repr__(self) -> str:
         # Paths are not secrets, but key *contents* never appear anywhere; keep the repr short.
@@ -238,6 +248,31 @@ class HandlerConfig:
         return Path(self.command[0])
 
 
+_COMMAND_FORMATS = ("json", "cbor", "generic")
+
+
+def _command_formats(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(v in _COMMAND_FORMATS for v in value):
+        raise ValueError(f"expected a list of {', '.join(_COMMAND_FORMATS)}, got {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
+@dataclass(frozen=True)
+class CommandsConfig:
+    """AWS IoT Commands: one request to this device over MQTT, answered within seconds."""
+
+    enabled: bool = _setting(
+        "subscribe to this thing's AWS IoT Commands requests (an account that never used "
+        "Commands may refuse the subscription, so it is off by default)", default=False)
+    formats: tuple[str, ...] = _setting(
+        "request topics to subscribe to: json (runs documents), cbor and generic (answered "
+        "REJECTED unless the payload is a JSON document)", default=("json",),
+        parse=_command_formats)
+    max_concurrent: int = _setting(
+        "commands run at the same time; their own limit, so a long job never holds a command "
+        "past its timeout", default=4, parse=_positive_int)
+
+
 @dataclass(frozen=True)
 class RunCommandConfig:
     """What a ``runCommand`` step (AWS-Run-Command, Device Client documents) may start.
@@ -269,6 +304,8 @@ class Config:
                                default=Path("/var/lib/iot-jobs-agent"))
     max_concurrent_jobs: int = _setting("jobs run at the same time", default=1,
                                         parse=_positive_int)
+    commands: CommandsConfig = _setting("AWS IoT Commands (off by default)",
+                                        default_factory=CommandsConfig)
     poll_interval: float = _setting("safety poll for pending jobs, in case a notification was "
                                     "lost", default=300.0, parse=parse_duration)
     progress_interval: float = _setting("at most one progress update per job per interval",

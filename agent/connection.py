@@ -19,6 +19,7 @@ import enum
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +32,8 @@ from agent.config import MqttConfig
 from agent.errors import CertificateValidationException, ConfigError, ConnectionFailedError
 from agent.refusals import RefusalLog
 
-__all__ = ["SESSION_EXPIRY", "Connection", "ConnectionEvent", "ConnectionState", "PublishAck",
-           "describe_crt_error", "disable_nagle", "hop"]
+__all__ = ["SESSION_EXPIRY", "Connection", "ConnectionEvent", "ConnectionState", "Message",
+           "PublishAck", "describe_crt_error", "disable_nagle", "hop"]
 
 log = logging.getLogger("agent.connection")
 
@@ -49,6 +50,11 @@ reply to a request that was in flight when the link dropped is kept for us inste
 One hour is AWS IoT's default maximum; a longer outage just starts a clean session, and
 :class:`agent.subscriptions.Subscriptions` subscribes again. A clean stop ends the session
 (DISCONNECT with expiry 0): nothing is kept for a device that is not coming back soon.
+
+``mqtt.session_expiry`` (opt-in, for AWS IoT Commands) replaces both rules: the session is kept
+for that long and rejoined even by the first connect of a new process, and a clean stop keeps
+it, so a command sent while the agent was down (or delivered and never acknowledged before a
+crash) is delivered when it comes back.
 """
 
 
@@ -71,6 +77,32 @@ class ConnectionEvent:
     kind: str
     rejoined: bool = False
     error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One PUBLISH received on a routed topic, with the MQTT 5 properties a protocol reads.
+
+    ``message_expiry`` is the seconds the broker says are left (it counts down while the
+    message waits in a session); ``received`` is ``time.monotonic()`` when the CRT handed the
+    message over, so ``received + message_expiry`` is its deadline on this host. ``ack_handle``
+    is set when the route took manual control of the PUBACK: pass the message to
+    :meth:`Connection.acknowledge` once it is safe (journaled), and not before.
+    """
+
+    topic: str
+    payload: bytes
+    content_type: str | None = None
+    message_expiry: int | None = None
+    received: float = 0.0
+    ack_handle: Any = None
+
+
+@dataclass(frozen=True)
+class _Route:
+    prefix: str
+    handler: Callable[[Message], None]
+    manual_ack: bool
 
 
 def describe_crt_error(exc: BaseException | None) -> str:
@@ -161,7 +193,9 @@ class Connection:
     """One MQTT 5 client to AWS IoT Core over mutually authenticated TLS.
 
     ``on_message(topic, payload)``, if given, and every listener added with
-    :meth:`add_message_listener` receive every PUBLISH on the asyncio loop.
+    :meth:`add_message_listener` receive every PUBLISH on the asyncio loop, except those on a
+    topic taken by :meth:`route` (a protocol that reads MQTT 5 properties or holds back the
+    PUBACK).
 
     Use ``async with Connection(mqtt_config, client_id) as conn`` (waits for the first
     connection, bounded by ``connect_timeout``) or :meth:`start` without waiting (a daemon keeps
@@ -195,6 +229,7 @@ class Connection:
         self._connected = asyncio.Event()
         self._stopped = asyncio.Event()
         self._failure: asyncio.Future[Exception] | None = None
+        self._routes: tuple[_Route, ...] = ()
 
     # ------------------------------------------------------------------ public API
 
@@ -215,6 +250,33 @@ class Connection:
     def add_message_listener(self, listener: Callable[[str, bytes], None]) -> None:
         """``listener(topic, payload)`` for every PUBLISH received, on the asyncio loop."""
         self._message_listeners.append(listener)
+
+    def route(self, prefix: str, handler: Callable[[Message], None], *,
+              manual_ack: bool = False) -> None:
+        """Deliver every PUBLISH whose topic starts with ``prefix`` to ``handler`` on the loop.
+
+        Such messages go to ``handler`` alone (not to the message listeners), as a
+        :class:`Message` with their MQTT 5 properties. With ``manual_ack`` the PUBACK of a QoS 1
+        message waits for :meth:`acknowledge`, so a protocol can make a request durable before
+        the broker forgets it (an unacknowledged message is delivered again when the session is
+        rejoined). The CRT lets the PUBACK be taken over only inside its publish callback, so
+        the prefix match runs there, on the CRT thread; the handler itself runs on the loop.
+        """
+        self._routes = (*self._routes, _Route(prefix, handler, manual_ack))
+
+    def acknowledge(self, message: Message) -> None:
+        """Send the PUBACK of a manually acknowledged message (a no-op for the others).
+
+        If the connection dropped meanwhile the CRT refuses; the broker then delivers the
+        message again (rejoined session) or has dropped it with the session.
+        """
+        if message.ack_handle is None or self._client is None:
+            return
+        try:
+            self._client.invoke_publish_acknowledgement(message.ack_handle)
+        except Exception as exc:  # the CRT raises its own error types here
+            log.debug("puback not sent topic=%s error=%s", message.topic,
+                      describe_crt_error(exc))
 
     def build(self) -> mqtt5.Client:
         """Create the CRT client (without connecting). Idempotent.
@@ -297,13 +359,16 @@ class Connection:
         return result
 
     def publish_acked(self, topic: str, payload: bytes,
-                      on_refused: Callable[[int | None, BaseException | None], None]
+                      on_refused: Callable[[int | None, BaseException | None], None], *,
+                      content_type: str | None = None, message_expiry: int | None = None
                       ) -> PublishAck:
         """Publish at QoS 1 (the CRT queues it while offline).
 
         ``on_refused(reason_code, error)`` runs on the loop only if the broker refuses the
         PUBLISH (PUBACK reason code >= 0x80) or it fails; the returned :class:`PublishAck`
         tells, without waiting, whether the PUBACK has come and what it said.
+        ``content_type`` and ``message_expiry`` (seconds) are the MQTT 5 properties of those
+        names; the broker drops a message whose expiry ran out before it could be delivered.
 
         Why not a callback for every PUBACK: each hop from a CRT thread wakes the loop, and on
         every Jobs request's path that wake-up (and the GIL hand-over with it) cost as much as
@@ -312,7 +377,8 @@ class Connection:
         anything to do; agent state is still touched only on the loop.
         """
         future = self.client.publish(mqtt5.PublishPacket(
-            topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE))
+            topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE,
+            content_type=content_type, message_expiry_interval_sec=message_expiry))
         ack = PublishAck(future)
         self._remember("publish", topic, future)
         loop = asyncio.get_running_loop()
@@ -330,9 +396,11 @@ class Connection:
         future.add_done_callback(crt_done)
         return ack
 
-    def publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, topic: str, payload: bytes, *, content_type: str | None = None,
+                message_expiry: int | None = None) -> None:
         """Publish at QoS 1 without waiting; a refusal or failure is logged."""
-        self.publish_acked(topic, payload, lambda code, exc: self._publish_done(topic, code, exc))
+        self.publish_acked(topic, payload, lambda code, exc: self._publish_done(topic, code, exc),
+                           content_type=content_type, message_expiry=message_expiry)
 
     def _publish_done(self, topic: str, code: int | None, exc: BaseException | None) -> None:
         if code is not None:
@@ -378,8 +446,11 @@ class Connection:
             self.state = ConnectionState.STOPPED
             return
         self.state = ConnectionState.STOPPING
-        # Expiry 0: the broker drops our session now rather than keep it for SESSION_EXPIRY.
-        self._client.stop(mqtt5.DisconnectPacket(session_expiry_interval_sec=0))
+        if self.config.session_expiry > 0:  # opt-in: the session outlives this process
+            self._client.stop(mqtt5.DisconnectPacket())
+        else:
+            # Expiry 0: the broker drops our session now rather than keep it for SESSION_EXPIRY.
+            self._client.stop(mqtt5.DisconnectPacket(session_expiry_interval_sec=0))
         try:
             await asyncio.wait_for(self._stopped.wait(), timeout)
         except TimeoutError:
@@ -425,6 +496,13 @@ class Connection:
             "on_lifecycle_disconnection": self._crt_disconnection,
             "on_lifecycle_stopped": self._crt_stopped,
         }
+        if cfg.session_expiry > 0:
+            # Opt-in (mqtt.session_expiry): rejoin even on the first connect of a new process:
+            # what the broker kept for us (requests published while we were down, or delivered
+            # and never acknowledged before a crash) is delivered now, and the journal tells new
+            # from seen. Subscriptions are made again anyway (a fresh process knows of none).
+            kwargs["session_behavior"] = mqtt5.ClientSessionBehaviorType.REJOIN_ALWAYS
+            kwargs["session_expiry_interval_sec"] = int(cfg.session_expiry)
         if not cfg.iot_core_limits:  # see MqttConfig.iot_core_limits
             kwargs["extended_validation_and_flow_control_options"] = \
                 mqtt5.ExtendedValidationAndFlowControlOptions.NONE
@@ -462,7 +540,17 @@ class Connection:
 
     def _crt_publish(self, data: mqtt5.PublishReceivedData) -> None:
         packet = data.publish_packet
-        self._hop(self._on_publish, packet.topic, bytes(packet.payload or b""))
+        topic = packet.topic
+        for route in self._routes:
+            if topic.startswith(route.prefix):
+                # The PUBACK can only be taken over inside this callback; the rest hops.
+                acquire = getattr(data, "acquire_publish_acknowledgement_control", None)
+                handle = acquire() if route.manual_ack and acquire is not None else None
+                self._hop(route.handler, Message(
+                    topic, bytes(packet.payload or b""), packet.content_type,
+                    packet.message_expiry_interval_sec, time.monotonic(), handle))
+                return
+        self._hop(self._on_publish, topic, bytes(packet.payload or b""))
 
     def _hop(self, fn: Callable[..., None], *args: Any) -> None:
         hop(self._loop, fn, *args)

@@ -16,7 +16,8 @@ Callers catch by meaning, not by where an error came from::
     │   │                                the publish, client stopped); retrying may help
     │   └── NotAuthorizedError           the broker refused a publish or subscription: the
     │                                    device's IoT policy lacks iot:Publish/iot:Subscribe
-    └── JobsServiceError                 the Jobs service answered "rejected"; names follow boto3
+    └── JobsServiceError                 the Jobs (or Commands) service answered "rejected";
+                                         names follow boto3
         ├── InvalidRequestException          InvalidTopic, InvalidJson, InvalidRequest, or a
         │                                    parameter we refused before sending
         ├── ResourceNotFoundException        ResourceNotFound
@@ -24,7 +25,8 @@ Callers catch by meaning, not by where an error came from::
         ├── ServiceUnavailableException      InternalError
         ├── InvalidStateTransitionException  InvalidStateTransition (carries executionState)
         ├── TerminalStateException           TerminalStateReached
-        ├── ConflictException                VersionMismatch (carries executionState)
+        ├── ConflictException                VersionMismatch (carries executionState); for
+        │                                    Commands, DataConflict (updates too close together)
         └── InvalidResponseError             the reply itself is malformed (not the model's shape)
 
 The Jobs service errors use botocore's ``iot-jobs-data`` exception names so code written against
@@ -198,7 +200,7 @@ class TerminalStateException(JobsServiceError):
 
 
 class ConflictException(JobsServiceError):
-    codes = ("VersionMismatch",)
+    codes = ("VersionMismatch", "DataConflict")
 
 
 class InvalidResponseError(JobsServiceError):

@@ -31,9 +31,12 @@ plan at the step that was interrupted.
 
 Schema 2 (this version) adds ``id``, ``queued_at`` and ``archived_at`` to ``executions``, the
 ``steps`` table, and records in ``meta`` which thing and MQTT endpoint the journal belongs to; a
-journal of schema 1 is migrated in place on open (``queued_at`` unknown: NULL). A journal opened
-for another thing or endpoint is moved aside (``journal.db.previous-<time>``) and a new one
-started: its records are about executions that this device's cloud identity never had.
+journal of schema 1 is migrated in place on open (``queued_at`` unknown: NULL). The
+``command_executions`` table (AWS IoT Commands, :mod:`agent.commands.journal`) is additive:
+created if missing at every open, whatever the version, so it needs no version of its own, and
+an agent that predates it ignores it. A journal opened for another thing or endpoint is moved
+aside (``journal.db.previous-<time>``) and a new one started: its records are about executions
+that this device's cloud identity never had.
 """
 
 from __future__ import annotations
@@ -105,6 +108,27 @@ CREATE TABLE IF NOT EXISTS outbox (
     final INTEGER NOT NULL,
     created_at REAL NOT NULL
 )"""
+# AWS IoT Commands: one row per executionId (agent.commands.journal has the queries). Additive
+# (IF NOT EXISTS at every open): a schema-2 journal written before Commands simply gains it.
+_COMMAND_EXECUTIONS = (
+    """
+CREATE TABLE IF NOT EXISTS command_executions (
+    execution_id TEXT PRIMARY KEY,
+    operation TEXT,
+    document TEXT,
+    state TEXT NOT NULL,
+    deadline REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER,
+    pid_start INTEGER,
+    boot_id TEXT,
+    final TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS command_executions_state "
+    "ON command_executions (state, updated_at)",
+)
 # Schema 1 -> 2: the primary key (job_id, execution_number) cannot hold two incarnations of
 # one key, and SQLite cannot drop a primary key: rebuild the table, keeping every row.
 _V1_COLUMNS = ("job_id, execution_number, operation, document, state, version, step_minutes, "
@@ -263,7 +287,7 @@ class Journal:
             if version == 1:
                 self._migrate(db)
             else:
-                _transaction(db, [_EXECUTIONS, *_INDEXES, _STEPS, _OUTBOX,
+                _transaction(db, [_EXECUTIONS, *_INDEXES, _STEPS, _OUTBOX, *_COMMAND_EXECUTIONS,
                                   "INSERT OR IGNORE INTO meta VALUES ('schema', "
                                   f"'{SCHEMA_VERSION}')"])
         except BaseException:
@@ -278,7 +302,7 @@ class Journal:
         healthy journal aside would lose the executions it tracks.
         """
         try:
-            _transaction(db, [*_MIGRATE_1_TO_2, _STEPS, _OUTBOX,
+            _transaction(db, [*_MIGRATE_1_TO_2, _STEPS, _OUTBOX, *_COMMAND_EXECUTIONS,
                               f"INSERT OR REPLACE INTO meta VALUES ('schema', "
                               f"'{SCHEMA_VERSION}')"])
         except sqlite3.Error as exc:
@@ -488,6 +512,35 @@ class Journal:
                                        for table, column in (("steps", "execution_id"),
                                                              ("executions", "id"))])
         return records
+
+    # ------------------------------------------------------------------ other protocols' tables
+    # (their tables are created by _connect with the others; their queries live with them)
+
+    async def write(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        """Run ``statements`` in one transaction (all or nothing)."""
+        await self._write(*statements)
+
+    async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(db)`` in one transaction on the journal thread: a read and the write it decides
+        on cost one thread hop and one commit (a failure rolls it all back)."""
+        def run() -> T:
+            db = self._db
+            if db is None:
+                raise JournalError("the journal is not open")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                result = fn(db)
+                db.execute("COMMIT")
+            except (sqlite3.Error, OSError) as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise JournalError(f"cannot write the journal {self.path}: {exc}") from exc
+            return result
+
+        return await self._run(run)
+
+    async def select(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return await self._query(sql, params)
 
 
 _COLUMNS = ("job_id, execution_number, operation, document, state, version, step_minutes, "

@@ -8,7 +8,9 @@ What applies to a running agent: handlers (to jobs claimed from now on; a runnin
 handler it started with), limits and intervals, retention, the reboot command, the log level,
 the metrics file. What does not, and is named in the log as needing a restart: the identity and
 the connection (``thing_name``, ``mqtt``), where the journal lives (``state_dir``), where the
-boot id is read (recovery compares it with what the journal recorded) and the log format.
+boot id is read (recovery compares it with what the journal recorded), the log format, and
+AWS IoT Commands (``commands``: its subscriptions are made with the connection; commands run
+from now on do use the reloaded handlers and limits).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ __all__ = ["RESTART_SETTINGS", "Outcome", "ReloadPlan", "plan_reload", "reread"]
 
 log = logging.getLogger("agent.reload")
 
-RESTART_SETTINGS = ("thing_name", "mqtt", "state_dir", "boot_id_path", "log_format")
+RESTART_SETTINGS = ("thing_name", "mqtt", "state_dir", "boot_id_path", "log_format", "commands")
 """Top-level settings a running agent keeps until it restarts."""
 
 

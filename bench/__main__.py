@@ -7,10 +7,11 @@ From the checkout::
     python -m bench --json out.json --dir /var/tmp/bench --profile agent.prof
 
 It starts its own sandbox (certificates, a mutual-TLS Mosquitto on a free loopback port, the
-Jobs emulator) in a fresh directory, by default under /var/tmp (disk-backed on Debian, where
-/tmp may be a tmpfs and would make the journal's fsyncs free), and removes it afterwards unless
-``--dir`` names one. The JSON (default ``bench-results.json`` in the current directory) holds
-every figure, its baseline, the side measurements and the machine. Exit status: 0 when every
+Jobs and Commands emulator and its HTTP fronts) in a fresh directory, by default under /var/tmp
+(disk-backed on Debian, where /tmp may be a tmpfs and would make the journal's fsyncs free),
+and removes it afterwards unless ``--dir`` names one. The JSON (default ``bench-results.json``
+in the current directory) holds every figure, its baseline, the side measurements and the
+machine. Exit status: 0 when every
 section ran (whether or not its target was met), 1 when a section failed.
 """
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    commands,
     flatness,
     hotpath,
     idle,
@@ -46,7 +48,7 @@ from bench.world import World
 __all__ = ["SECTIONS", "main"]
 
 SECTIONS = ("packets", "roundtrip", "latency", "link", "throughput", "idle", "startup",
-            "flatness")
+            "flatness", "commands")
 
 
 @dataclass(frozen=True)
@@ -70,16 +72,18 @@ class Sizes:
     link_samples: int
     link_rt_calls: int
     link_one_ways: tuple[float, ...]  # seconds each way: 25 ms = a 50 ms RTT
+    command_samples: int
 
 
 FULL = Sizes(rt_calls=1000, rt_rounds=2, rt_extra_calls=200, latency_samples=200, tp_jobs=1000,
              tp_rounds=4, tp_shipped_jobs=100, starts=5, idle_seconds=60.0, flat_first=500,
              flat_total=5000, flat_max_records=100, profile_jobs=1000, packet_jobs=100,
-             link_samples=30, link_rt_calls=50, link_one_ways=(0.025, 0.150))
+             link_samples=30, link_rt_calls=50, link_one_ways=(0.025, 0.150),
+             command_samples=200)
 QUICK = Sizes(rt_calls=100, rt_rounds=1, rt_extra_calls=20, latency_samples=20, tp_jobs=100,
               tp_rounds=1, tp_shipped_jobs=10, starts=2, idle_seconds=3.0, flat_first=50,
               flat_total=200, flat_max_records=20, profile_jobs=100, packet_jobs=10,
-              link_samples=3, link_rt_calls=5, link_one_ways=(0.025,))
+              link_samples=3, link_rt_calls=5, link_one_ways=(0.025,), command_samples=10)
 
 
 def _fs_type(path: Path) -> str:
@@ -142,6 +146,9 @@ def _plan(sizes: Sizes, wanted: list[str], profile: Path | None
     if "flatness" in wanted:
         plan.append(("flatness", lambda w, _: {"flatness": flatness.run(
             w, sizes.flat_first, sizes.flat_total, sizes.flat_max_records)}))
+    if "commands" in wanted:
+        plan.append(("commands", lambda w, _: {"commands": commands.run(
+            w, sizes.command_samples)}))
     if profile is not None:
         plan.append(("profile", lambda w, _: {"profile": hotpath.run(
             w, sizes.profile_jobs, profile.absolute())}))

@@ -32,10 +32,14 @@ AGENT_SETTINGS: dict[str, Any] = {
 """Settings every bench agent gets on top of the thing's ``Stack.thing`` config."""
 
 _JOBS = "arn:aws:iot:*:*:%s/$aws/things/${iot:Connection.Thing.ThingName}/jobs/*"
+_COMMANDS = ("arn:aws:iot:*:*:%s/$aws/commands/things/${iot:Connection.Thing.ThingName}/"
+             "executions/*")
 JOBS_ANYWHERE = json.dumps({"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Action": "iot:Connect", "Resource": "arn:aws:iot:*:*:client/*"},
-    {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": _JOBS % "topic"},
-    {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": _JOBS % "topicfilter"}]})
+    {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"],
+     "Resource": [_JOBS % "topic", _COMMANDS % "topic"]},
+    {"Effect": "Allow", "Action": "iot:Subscribe",
+     "Resource": [_JOBS % "topicfilter", _COMMANDS % "topicfilter"]}]})
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"})
 
@@ -105,8 +109,9 @@ class World:
                      **settings: Any) -> Path:
         """Register ``thing`` and write its agent config (AGENT_SETTINGS + ``settings``).
 
-        Its policy grants all of its ``jobs/*`` both ways (as many accounts do): the raw echo
-        baseline publishes on and reads topics that are no Jobs request. ``port``: connect there
+        Its policy grants all of its ``jobs/*`` (and its Commands ``executions/*``) both ways
+        (as many accounts do): the raw echo baseline publishes on and reads topics that are no
+        Jobs request. ``port``: connect there
         instead of the broker (an emulated link in front of it).
         """
         config = yaml.safe_load(self.stack.thing(thing, policy=JOBS_ANYWHERE).read_text())

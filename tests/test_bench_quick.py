@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("packets", "roundtrip", "latency", "link", "throughput", "idle", "startup",
-            "flatness")
+            "flatness", "commands")
 
 pytestmark = pytest.mark.broker
 
@@ -49,5 +49,10 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert sections["startup"]["agent_p50_ms"] > 0 and sections["startup"]["bare_p50_ms"] > 0
     assert [stage["jobs"] for stage in sections["flatness"]["stages"]] == [
         results["sizes"]["flat_first"], results["sizes"]["flat_total"]]
+    commands = sections["commands"]
+    assert commands["samples"] == results["sizes"]["command_samples"]
+    for figure in ("command_to_handler", "floor_to_handler", "command_to_result",
+                   "floor_to_result"):
+        assert commands[figure]["p50_ms"] > 0
     assert len(results["table"]) >= len(SECTIONS)
     assert "| Figure |" in proc.stdout  # the table a user sees

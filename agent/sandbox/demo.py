@@ -1,11 +1,14 @@
 """``iot-jobs-agent sandbox``: the whole thing, locally, in one command, no AWS account.
 
-Starts certificates + mutual-TLS Mosquitto + the Jobs emulator with its boto3-compatible HTTP
-control and data planes, registers a sandbox thing, writes ``DIR/agent.yaml`` with the example
-handlers (usable with every ``--config`` command) and ``DIR/sandbox.json`` (for scripts: the MQTT
-details, both HTTP endpoints and the region), starts the real agent as a separate process exactly
-as systemd would, queues a demo job and shows it being handled. ``--no-agent`` runs only the
-cloud side, for users who run the agent themselves and drive it with boto3.
+Starts certificates + mutual-TLS Mosquitto + the Jobs and Commands emulator with its
+boto3-compatible HTTP control and data planes, registers a sandbox thing, writes
+``DIR/agent.yaml`` with the example handlers and Commands enabled (usable with every
+``--config`` command) and ``DIR/sandbox.json`` (for scripts: the MQTT details, both HTTP
+endpoints and the region), starts the real agent as a separate process exactly as systemd would,
+queues a demo job and sends a demo command, and shows both being handled. ``--policy FILE``
+replaces the thing's default policies, and then Commands stay off (the file may not allow their
+topics). ``--no-agent`` runs only the cloud side, for users who run the agent themselves and
+drive it with boto3.
 
 Every AWS managed template runs as it comes: ``handler_dir`` holds the shipped handlers, and
 stand-ins (:mod:`agent.sandbox.standins`) take the place of apt-get, systemctl and the reboot,
@@ -47,6 +50,8 @@ SANDBOX_THING = "sandbox-thing"
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 DEMO_JOB = "demo-1"
 DEMO_DOCUMENT = {"operation": "run-script", "args": ["hello", "from the sandbox"]}
+DEMO_COMMAND = "demo-hello"
+DEMO_COMMAND_DOCUMENT = {"operation": "run-script", "args": ["hello", "from a command"]}
 HELLO = """#!/bin/sh
 # A device script the run-script handler may run (installed in SCRIPTS_DIR).
 echo "hello: $*"
@@ -125,6 +130,29 @@ def _wait_terminal(stack: Stack, job_id: str, timeout: float) -> dict[str, Any] 
     return None
 
 
+def _demo_command(stack: Stack) -> bool:
+    """Create the demo command, run it on the sandbox thing, show how it ended."""
+    assert stack.emulator is not None
+    emulator = stack.emulator
+    content = json.dumps(DEMO_COMMAND_DOCUMENT).encode()
+    emulator.call_commands(lambda s: s.create_command(
+        DEMO_COMMAND, payload={"content": content, "contentType": "application/json"}))
+    execution_id, _ = emulator.call_commands(
+        lambda s: s.start_execution(DEMO_COMMAND, SANDBOX_THING, timeout=30))
+    _say(f"sent command {DEMO_COMMAND}: {content.decode()}")
+    deadline = time.monotonic() + 40
+    while True:
+        execution = emulator.call_commands(
+            lambda s: s.get_execution(execution_id, SANDBOX_THING))
+        if execution["status"] not in ("CREATED", "IN_PROGRESS") \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    _say(f"command {DEMO_COMMAND} ended {execution['status']}; result:")
+    print(json.dumps(execution.get("result", {}), indent=2), flush=True)
+    return bool(execution["status"] == "SUCCEEDED")
+
+
 def run_sandbox(directory: Path, *, once: bool, agent: bool = True, policy: str | None = None,
                 policy_name: str | None = None) -> int:
     """Run the sandbox; ``policy`` (a policy document, from the file ``policy_name``) replaces
@@ -151,6 +179,13 @@ def run_sandbox(directory: Path, *, once: bool, agent: bool = True, policy: str 
                       progress_interval="1s", shutdown_grace="10s", kill_grace="3s",
                       metrics_file=str(directory / "metrics" / "iot-jobs-agent.prom"),
                       **sandbox_settings(directory))
+        # Commands need the default sandbox-commands-device policy; a --policy FILE replaces it,
+        # so then Commands stay off, as on an account that never used them (turn them on in
+        # agent.yaml if that policy allows the Commands topics).
+        commands = policy is None
+        config["commands"] = {"enabled": commands}
+        if commands:  # a command sent while the agent restarts waits for it in its session
+            config["mqtt"]["session_expiry"] = "10m"
         agent_yaml = directory / "agent.yaml"
         agent_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
         identity = stack.pki.client(SANDBOX_THING)
@@ -181,7 +216,7 @@ def run_sandbox(directory: Path, *, once: bool, agent: bool = True, policy: str 
         supervisor = _Supervisor(agent_yaml, StandIns(directory / "stand-ins")) if agent \
             else None
         try:
-            return _demo(stack, agent_yaml, supervisor, once=once)
+            return _demo(stack, agent_yaml, supervisor, once=once, commands=commands)
         finally:
             if supervisor is not None:
                 supervisor.stop()
@@ -223,7 +258,7 @@ class _Supervisor:
 
 
 def _demo(stack: Stack, agent_yaml: Path, supervisor: _Supervisor | None, *,
-          once: bool) -> int:
+          once: bool, commands: bool) -> int:
     assert stack.emulator is not None
     ok = True
     if supervisor is not None:
@@ -237,6 +272,11 @@ def _demo(stack: Stack, agent_yaml: Path, supervisor: _Supervisor | None, *,
             _say(f"job {DEMO_JOB} ended {execution['status']}; statusDetails:")
             print(json.dumps(execution.get("statusDetails", {}), indent=2), flush=True)
             ok = execution["status"] == "SUCCEEDED"
+        if commands:
+            ok = _demo_command(stack) and ok
+        else:
+            _say("no demo command: Commands are off in agent.yaml (the --policy replaces "
+                 "sandbox-commands-device)")
     if once:
         _say("OK" if ok else "FAILED")
         return 0 if ok else 1

@@ -1,10 +1,13 @@
-"""The MQTT front of the local Jobs service: a client of the broker like any other.
+"""The MQTT front of the local Jobs and Commands services: a client of the broker like any other.
 
 It subscribes to ``$aws/things/+/jobs/#`` (a ``#`` at the first level would not match
-``$``-topics), hands every request to :class:`~agent.sandbox.service.JobsService` and publishes
-what the service returns at QoS 1. It runs its own asyncio loop on its own thread so that tests,
-the sandbox command and the HTTP fronts of a later issue can drive it with plain method calls;
-all service state is touched only on that thread.
+``$``-topics) and to every device's Commands updates, hands each request to
+:class:`~agent.sandbox.service.JobsService` or :class:`~agent.sandbox.commands.CommandsService`
+(their MQTT adaptors are :mod:`agent.sandbox.mqtt_adaptor`) and publishes what the service
+returns at QoS 1, over MQTT 5: a command request carries the command's content type and, as its
+message expiry interval, the execution's timeout. It runs its own asyncio loop on its own thread
+so that tests, the sandbox command and the HTTP fronts can drive it with plain method calls; all
+service state is touched only on that thread.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import Any, TypeVar
 
 from agent.config import MqttConfig
 from agent.connection import Connection, ConnectionEvent
+from agent.sandbox.commands import CommandsService
 from agent.sandbox.document import dumps
+from agent.sandbox.records import Message
 from agent.sandbox.service import JobsService, Publish
 
 __all__ = ["Emulator"]
@@ -29,15 +34,16 @@ log = logging.getLogger("agent.sandbox.emulator")
 
 T = TypeVar("T")
 REQUEST_FILTER = "$aws/things/+/jobs/#"
+COMMANDS_FILTER = "$aws/commands/things/+/executions/+/response/json"
 
 
 class Emulator:
-    """AWS IoT Jobs, locally, over a real MQTT broker.
+    """AWS IoT Jobs and Commands, locally, over a real MQTT broker.
 
     Parameters:
         endpoint, port: the broker.
         cert, key, ca: the emulator's own client identity (the broker's ACL must let it use
-            every thing's ``jobs`` topics).
+            every thing's ``jobs`` and ``commands`` topics).
         clock: epoch-seconds clock shared with the service (tests pass a fake one).
         client_id: distinct per emulator (two clients with one id kick each other off).
     """
@@ -54,6 +60,8 @@ class Emulator:
         client_id: str = "jobs-emulator",
     ) -> None:
         self.service = JobsService(clock=clock)
+        self.commands = CommandsService(clock=clock,
+                                        thing_exists=lambda t: t in self.service.things())
         self._clock = clock
         self._mqtt = MqttConfig(endpoint=endpoint, port=port, cert=cert, key=key, ca=ca,
                                 reconnect_min=0.2, reconnect_max=2.0,
@@ -109,13 +117,21 @@ class Emulator:
 
     def call(self, fn: Callable[[JobsService], T]) -> T:
         """Run ``fn(service)`` on the emulator thread; publish any notifications it returns."""
+        return self._call(lambda: fn(self.service))
+
+    def call_commands(self, fn: Callable[[CommandsService], T]) -> T:
+        """Run ``fn(commands)`` on the emulator thread; publish any request it returns."""
+        return self._call(lambda: fn(self.commands))
+
+    def _call(self, fn: Callable[[], T]) -> T:
         loop = self._loop
         if loop is None:
             raise RuntimeError("emulator is not running")
 
         async def run() -> T:
-            result = fn(self.service)
-            if isinstance(result, list) and all(isinstance(p, Publish) for p in result):
+            result = fn()
+            if isinstance(result, list) and all(isinstance(p, Publish | Message)
+                                                for p in result):
                 self._send(result)
             elif isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], list):
                 self._send(result[1])
@@ -234,14 +250,22 @@ class Emulator:
     async def _subscribe(self) -> None:
         assert self._connection is not None
         try:
-            await self._connection.subscribe(REQUEST_FILTER)
+            await self._connection.subscribe(REQUEST_FILTER, COMMANDS_FILTER)
         except Exception as exc:
-            log.error("emulator subscription failed filter=%s error=%s", REQUEST_FILTER, exc)
+            log.error("emulator subscription failed filters=%s,%s error=%s", REQUEST_FILTER,
+                      COMMANDS_FILTER, exc)
             return
         self._subscribed.set()
-        log.info("emulator serving filter=%s", REQUEST_FILTER)
+        log.info("emulator serving filters=%s,%s", REQUEST_FILTER, COMMANDS_FILTER)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic.startswith("$aws/commands/"):
+            try:
+                self._send(self.commands.handle(topic, payload))
+            except Exception:  # the emulator must keep serving whatever a device sends
+                log.exception("emulator failed to handle topic=%s", topic)
+            self._schedule_tick()
+            return
         if self._drops and self._dropping(topic, "request"):
             return
         try:
@@ -255,19 +279,25 @@ class Emulator:
         self._send(publishes)
         self._schedule_tick()
 
-    def _send(self, publishes: list[Publish]) -> None:
+    def _send(self, publishes: list[Publish] | list[Message]) -> None:
         assert self._connection is not None
         for pub in publishes:
-            self._connection.publish(pub.topic, dumps(pub.payload).encode())
+            if isinstance(pub, Message):
+                self._connection.publish(pub.topic, pub.payload, content_type=pub.content_type,
+                                         message_expiry=pub.message_expiry)
+            else:
+                self._connection.publish(pub.topic, dumps(pub.payload).encode())
 
     def _schedule_tick(self) -> None:
         """Sleep exactly until the next step timer or job timeout, never poll."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        deadline = self.service.next_deadline()
-        if deadline is None:
+        deadlines = [d for d in (self.service.next_deadline(), self.commands.next_deadline())
+                     if d is not None]
+        if not deadlines:
             return
+        deadline = min(deadlines)
         loop = asyncio.get_running_loop()
         delay = max(0.0, deadline - self._clock())
         self._timer = loop.call_later(min(delay, 3600.0), self._on_timer)
@@ -275,6 +305,7 @@ class Emulator:
     def _on_timer(self) -> None:
         self._timer = None
         self._send(self.service.tick())
+        self._send(self.commands.tick())
         self._schedule_tick()
 
 

@@ -1,4 +1,5 @@
-"""The ``iot`` control plane over plain HTTP: the part of ``boto3.client("iot")`` jobs need.
+"""The ``iot`` control plane over plain HTTP: the part of ``boto3.client("iot")`` jobs need
+(and, from :mod:`agent.sandbox.http_commands`, the AWS IoT Commands operations).
 
 Jobs (create, describe, list, cancel, delete, get_job_document), job executions (describe, list
 per thing and per job, cancel, delete), things (create, describe, list) and the AWS managed job
@@ -43,6 +44,7 @@ from agent.sandbox import templates
 from agent.sandbox.document import Document
 from agent.sandbox.emulator import Emulator
 from agent.sandbox.http import HttpFront, Request, Route, page, parse_int, query_bool
+from agent.sandbox.http_commands import command_routes
 from agent.sandbox.http_policies import POLICY_ERRORS, policy_routes
 from agent.sandbox.policies import Policies
 from agent.sandbox.service import JobsService, Publish, Rejection
@@ -426,6 +428,7 @@ def control_plane(emulator: Emulator, *, region: str = REGION, account_id: str =
         Route("GET", "/things/{thingName}", api.describe_thing, errors=_BASE),
         Route("GET", "/things", api.list_things, errors=_BASE, query=list_query | {
             "attributeName", "attributeValue", "usePrefixAttributeValue", "thingTypeName"}),
+        *command_routes(emulator, region, account_id),
     ]
     if policies is not None:
         routes += policy_routes(policies, lambda name: emulator.call(

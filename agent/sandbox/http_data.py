@@ -1,4 +1,5 @@
-"""The ``iot-jobs-data`` data plane over plain HTTP, for ``boto3.client("iot-jobs-data")``.
+"""The ``iot-jobs-data`` data plane over plain HTTP, for ``boto3.client("iot-jobs-data")``
+(plus Commands' ``start_command_execution``, from :mod:`agent.sandbox.http_commands`).
 
 The four device operations of botocore's model (``jobs-mqtt-api.md`` section 1.6), answered by
 the same :class:`JobsService` methods the MQTT front calls, on the emulator's thread: an HTTP
@@ -26,6 +27,8 @@ from typing import Any, Final
 from agent.sandbox import _validate as check
 from agent.sandbox.emulator import Emulator
 from agent.sandbox.http import HttpFront, Request, Route, query_bool, query_int
+from agent.sandbox.http_commands import start_route
+from agent.sandbox.http_control import ACCOUNT_ID, REGION
 
 __all__ = ["ERRORS", "data_plane"]
 
@@ -53,7 +56,8 @@ def _execution(response: dict[str, Any]) -> dict[str, Any]:
     return {"execution": execution}
 
 
-def data_plane(emulator: Emulator) -> HttpFront:
+def data_plane(emulator: Emulator, *, region: str = REGION,
+               account_id: str = ACCOUNT_ID) -> HttpFront:
     """The data plane's routes over ``emulator``'s service; start it with ``.start(port)``."""
 
     def get_pending(request: Request) -> dict[str, Any]:
@@ -95,6 +99,7 @@ def data_plane(emulator: Emulator) -> HttpFront:
               body=frozenset({"status", "statusDetails", "stepTimeoutInMinutes",
                               "expectedVersion", "includeJobExecutionState",
                               "includeJobDocument", "executionNumber"})),
+        start_route(emulator, region, account_id),  # AWS IoT Commands
     ]
     return HttpFront("iot-jobs-data", routes, ERRORS,
                      internal=("ServiceUnavailableException", 503))

@@ -1,24 +1,35 @@
-"""The Jobs service's MQTT adaptor: one device publish on ``$aws/things/<thing>/jobs/...`` in, the
-publishes to send back out. Pure, like :class:`~agent.sandbox.service.JobsService` whose public
-device methods it calls (the HTTP data plane calls the same ones).
+"""The services' MQTT adaptors: one device publish in, the publishes to send back out. Pure,
+like the services whose public device methods they call (the HTTP data plane calls the same
+ones).
 
-What only MQTT does lives here: routing by topic (``InvalidTopic``), the JSON payload
-(``InvalidJson``; an empty one is ``{}``), the echoed ``clientToken``, the ``timestamp``, the
-``accepted``/``rejected`` reply topic, and the execution without ``thingName``.
+Jobs (:func:`handle`, ``$aws/things/<thing>/jobs/...``): what only MQTT does lives here: routing
+by topic (``InvalidTopic``), the JSON payload (``InvalidJson``; an empty one is ``{}``), the
+echoed ``clientToken``, the ``timestamp``, the ``accepted``/``rejected`` reply topic, and the
+execution without ``thingName``.
+
+Commands (:func:`handle_commands`, ``$aws/commands/things/<thing>/executions/<id>/response/json``):
+the execution id from the topic (``InvalidTopic``), the UTF-8 JSON payload (``InvalidJson``; no
+NaN or Infinity), and the reply on ``.../response/accepted/json`` or ``.../rejected/json`` naming
+the execution (Commands has no clientToken).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import json
+import re
+from typing import TYPE_CHECKING, Any, Final
 
 from agent.sandbox import _validate as check
 from agent.sandbox._validate import Rejection
-from agent.sandbox.records import Publish, mqtt_execution
+from agent.sandbox.records import Message, Publish, mqtt_execution
 
 if TYPE_CHECKING:
+    from agent.sandbox.commands import CommandsService
     from agent.sandbox.service import JobsService
 
-__all__ = ["handle"]
+__all__ = ["handle", "handle_commands"]
+
+_EXECUTION_ID: Final = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
 def handle(service: JobsService, topic: str, payload: bytes) -> list[Publish]:
@@ -69,3 +80,37 @@ def _dispatch(service: JobsService, operation: str, target: check.Route,
 def _reply(service: JobsService, topic: str, body: dict[str, Any], *, accepted: bool) -> Publish:
     suffix = "/accepted" if accepted else "/rejected"
     return Publish(topic + suffix, {**body, "timestamp": service.timestamp()})
+
+
+# --------------------------------------------------------------------------- AWS IoT Commands
+
+
+def handle_commands(service: CommandsService, topic: str, payload: bytes) -> list[Message]:
+    """Answer a device's UpdateCommandExecution with its accepted or rejected reply (``[]`` for
+    topics that are not updates, such as the service's own replies)."""
+    parts = topic.split("/")
+    if len(parts) != 8 or parts[:3] != ["$aws", "commands", "things"] \
+            or parts[4] != "executions" or parts[6:] != ["response", "json"]:
+        return []
+    thing, execution_id = parts[3], parts[5]
+    base = "/".join(parts[:7])
+    try:
+        service.serve(thing, execution_id, lambda: _read_update(execution_id, payload))
+    except Rejection as rejection:
+        body = {"error": rejection.code, "errorMessage": rejection.message,
+                "executionId": execution_id}
+        return [Message(f"{base}/rejected/json", json.dumps(body).encode())]
+    return [Message(f"{base}/accepted/json", json.dumps({"executionId": execution_id}).encode())]
+
+
+def _read_update(execution_id: str, payload: bytes) -> Any:
+    if not _EXECUTION_ID.fullmatch(execution_id):
+        raise Rejection("InvalidTopic", f"{execution_id!r} is not an execution id")
+    try:
+        return json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise Rejection("InvalidJson", "the update is not UTF-8 JSON") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

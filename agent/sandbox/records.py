@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from agent.sandbox.document import Document
 
-__all__ = ["MAX_PENDING_LISTED", "PENDING", "Execution", "Fault", "Job", "Publish",
+__all__ = ["MAX_PENDING_LISTED", "PENDING", "Execution", "Fault", "Job", "Message", "Publish",
            "mqtt_execution"]
 
 PENDING: Final = frozenset({"QUEUED", "IN_PROGRESS"})
@@ -25,6 +25,17 @@ class Publish:
 
     topic: str
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One MQTT message the Commands service wants sent: raw payload bytes (a command's payload
+    is opaque) and the MQTT 5 properties the front sets."""
+
+    topic: str
+    payload: bytes
+    content_type: str | None = None
+    message_expiry: int | None = None
 
 
 @dataclass

@@ -81,7 +81,8 @@ class Stack:
             self.control = control_plane(self.emulator, region=self.region,
                                          account_id=self.account_id, policies=self.policies)
             self.control.start(self._http_ports[0])
-            self.data = data_plane(self.emulator).start(self._http_ports[1])
+            self.data = data_plane(self.emulator, region=self.region,
+                                   account_id=self.account_id).start(self._http_ports[1])
         except BaseException:
             self.stop()
             raise

@@ -21,6 +21,7 @@ model lists.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -97,6 +98,15 @@ def wire_problems(shape: Any, value: Any, where: str) -> list[str]:
         return [] if ok else [f"{where}: not an integer"]
     if kind == "boolean":
         return [] if isinstance(value, bool) else [f"{where}: not a boolean"]
+    if kind == "double":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return [] if ok else [f"{where}: not a number"]
+    if kind == "blob":  # rest-json carries bytes as base64 text
+        try:
+            base64.b64decode(value, validate=True)
+        except (TypeError, ValueError):
+            return [f"{where}: not base64"]
+        return []
     if kind == "timestamp":
         ok = isinstance(value, int | float) and not isinstance(value, bool) and value < 1e11
         return [] if ok else [f"{where}: not epoch seconds"]
@@ -120,8 +130,10 @@ def _referee(operation_model: Any, response_dict: dict[str, Any], **_: Any) -> N
         assert code in modeled, f"{name} answered {code}, not one of {sorted(modeled)}"
         return
     shape = operation_model.output_shape
-    if shape is None:
-        assert body == b"", f"{name} has no output but answered {body!r}"
+    in_body = shape is not None and any("location" not in member.serialization
+                                        for member in shape.members.values())
+    if not in_body:  # no output, or only the status code (DeleteCommand)
+        assert body == b"", f"{name} has no output body but answered {body!r}"
         return
     problems = wire_problems(shape, json.loads(body), name)
     assert not problems, "\n".join(problems)
@@ -664,11 +676,13 @@ def test_a_job_created_with_boto3_reaches_the_agents_mqtt_streams(sb: Sandbox) -
 # --------------------------------------------------------------------------- the README example
 
 
-def _readme_example() -> str:
+def _readme_example(heading: str = "## Drive the sandbox with boto3") -> str:
     text = README.read_text()
-    section = text[text.index("## Drive the sandbox with boto3"):]
+    section = text[text.index(heading):]
+    end = section.find("\n## ", 1)
+    section = section if end < 0 else section[:end]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "the README section has no python example"
+    assert match, f"the README section {heading!r} has no python example"
     return match.group(1)
 
 
@@ -701,23 +715,41 @@ def no_agent_sandbox(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Pa
                 proc.kill()
 
 
+def _run_with_agent(cwd: Path, example: str, *, wait_ready: bool = False) -> tuple[
+        subprocess.CompletedProcess[str], subprocess.Popen[str], str]:
+    """Run ``example`` while the real agent runs on the sandbox's config (as a user would)."""
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
+                              ".sandbox/agent.yaml"], cwd=cwd, env=_user_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        if wait_ready:  # a user starts the agent, sees it is ready, then runs their script
+            assert agent.stderr is not None
+            seen = ""
+            while "ready thing=" not in seen and agent.poll() is None:
+                seen += agent.stderr.readline()
+        ran = subprocess.run([sys.executable, "-c", example], cwd=cwd, env=_user_env(),
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, agent_log = agent.communicate(timeout=60)
+    return ran, agent, agent_log
+
+
 def test_the_readme_example_runs_against_sandbox_no_agent(
         no_agent_sandbox: tuple[subprocess.Popen[str], Path]) -> None:
     sandbox, cwd = no_agent_sandbox
     info = json.loads((cwd / ".sandbox" / "sandbox.json").read_text())
     assert set(info) >= {"thing_name", "mqtt", "control_endpoint", "data_endpoint", "region"}
     assert set(info["mqtt"]) == {"endpoint", "port", "cert", "key", "ca"}
-    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
-                              ".sandbox/agent.yaml"], cwd=cwd, env=_user_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        example = subprocess.run([sys.executable, "-c", _readme_example()], cwd=cwd,
-                                 env=_user_env(), capture_output=True, text=True, timeout=120)
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        _, agent_log = agent.communicate(timeout=60)
+    example, agent, agent_log = _run_with_agent(cwd, _readme_example())
     assert example.returncode == 0, example.stdout + example.stderr + agent_log
     assert example.stdout.startswith("SUCCEEDED hello: boto3"), example.stdout
+    assert agent.returncode == 0, agent_log
+
+    commands, agent, agent_log = _run_with_agent(
+        cwd, _readme_example("## AWS IoT Commands"), wait_ready=True)
+    assert commands.returncode == 0, commands.stdout + commands.stderr + agent_log
+    assert commands.stdout.startswith("SUCCEEDED hello: command"), commands.stdout
     assert agent.returncode == 0, agent_log
 
     sandbox.send_signal(signal.SIGINT)

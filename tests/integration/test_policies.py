@@ -266,6 +266,7 @@ def test_sandbox_command_takes_a_policy_file(tmp_path: Path) -> None:
         "policies; see the README)"]
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "sandbox-device (from" in ok.stdout and "ended SUCCEEDED" in ok.stdout
+    assert "no demo command: Commands are off" in ok.stdout  # the file grants no Commands topics
 
 
 def test_the_readme_policy_example(iot: Any, stack: Stack, thing: Thing, device: Any) -> None:

@@ -14,17 +14,20 @@ from agent.config import check_files, load_config
 pytestmark = pytest.mark.broker
 
 
-def test_sandbox_once_runs_the_demo_job_end_to_end(tmp_path: Path) -> None:
+def test_sandbox_once_runs_the_demo_job_and_command_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "agent", "sandbox", "--dir", str(tmp_path),
                            "--once"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "job demo-1 ended SUCCEEDED" in proc.stdout
     assert "hello: from the sandbox" in proc.stdout  # the example handler really ran
+    assert "command demo-hello ended SUCCEEDED" in proc.stdout  # and a command too
+    assert "hello: from a command" in proc.stdout
     assert "sandbox: OK" in proc.stdout
     # What it leaves behind works with every --config command.
     config = load_config(tmp_path / "agent.yaml")
     assert check_files(config) == []
     assert set(config.handlers) == {"run-script", "download"}
+    assert config.commands.enabled
     info = json.loads((tmp_path / "sandbox.json").read_text())
     assert info["thing_name"] == config.thing_name
     assert info["mqtt"]["port"] == config.mqtt.port

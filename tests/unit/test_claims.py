@@ -145,7 +145,7 @@ def test_troubled_executions_go_last_in_service_order() -> None:
     ('{"operation": "ok", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
     ('{"operation": "ok", "s": "\\ud83d\\ude00"}', None),  # a pair is one code point
     ('{"operation": "ok", "x": ' + "[" * 100 + "]" * 100 + "}", None),
-    ("not json", None),  # parse_document's to say, in its own words
+    ("not json", None),  # plan_job's to say, in its own words
     (None, None),
 ])
 def test_document_problem(text: str | None, problem: str | None) -> None:

@@ -48,6 +48,15 @@ def test_check_config_ok(tmp_path: Path) -> None:
     proc = cli("check-config", "--config", str(write(tmp_path, setup_files(tmp_path))))
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout and "handlers: ok" in proc.stdout
+    assert "commands: off" in proc.stdout
+    assert "mqtt session: clean at each start" in proc.stdout
+    data = yaml.safe_load((tmp_path / "agent.yaml").read_text())
+    data["commands"] = {"enabled": True, "formats": ["json", "cbor"]}
+    data["mqtt"]["session_expiry"] = "10m"
+    proc = cli("check-config", "--config", str(write(tmp_path, data)))
+    assert proc.returncode == 0, proc.stderr
+    assert "commands: on (json, cbor)" in proc.stdout
+    assert "mqtt session: kept 10m across restarts" in proc.stdout
 
 
 def test_check_config_lists_every_problem_with_lines(tmp_path: Path) -> None:
@@ -154,13 +163,14 @@ def test_example_config_covers_every_setting() -> None:
     """config/agent.yaml documents every key the agent accepts."""
     import dataclasses
 
-    from agent.config import Config, HandlerConfig, MqttConfig, RunCommandConfig
+    from agent.config import CommandsConfig, Config, HandlerConfig, MqttConfig, RunCommandConfig
 
     data = yaml.safe_load((ROOT / "config" / "agent.yaml").read_text())
     top = {f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
     assert set(data) == top
     assert set(data["mqtt"]) == {f.name for f in dataclasses.fields(MqttConfig)}
     assert set(data["run_command"]) == {f.name for f in dataclasses.fields(RunCommandConfig)}
+    assert set(data["commands"]) == {f.name for f in dataclasses.fields(CommandsConfig)}
     seen = set().union(*(h.keys() for h in data["handlers"].values()))
     assert seen == {f.name for f in dataclasses.fields(HandlerConfig)}
 

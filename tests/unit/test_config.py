@@ -43,6 +43,26 @@ def test_good_config_resolves_paths_against_its_directory(tmp_path: Path) -> Non
     assert config.mqtt.request_timeout == 30.0
 
 
+def test_commands_are_off_by_default_and_checked(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    assert not config.commands.enabled
+    assert config.commands.formats == ("json",)
+    assert config.mqtt.session_expiry == 0.0
+    config = load_config(write(tmp_path, GOOD + "  session_expiry: 1h\ncommands:\n  enabled: "
+                                               "true\n  formats: [json, generic, json]\n"))
+    assert config.commands.enabled and config.commands.formats == ("json", "generic")
+    assert config.mqtt.session_expiry == 3600.0
+    found = problems(tmp_path, GOOD + "commands:\n  enable: true\n  formats: [xml]\n"
+                                      "  max_concurrent: 0\n")
+    assert found == [
+        f"{tmp_path / 'config.yaml'}:9: commands.enable: unknown setting (did you mean "
+        "'enabled'?)",
+        f"{tmp_path / 'config.yaml'}:10: commands.formats: expected a list of json, cbor, "
+        "generic, got ['xml']",
+        f"{tmp_path / 'config.yaml'}:11: commands.max_concurrent: expected a whole number of at "
+        "least 1, got 0"]
+
+
 def test_durations_and_optional_keys(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD + "  client_id: other\n  keep_alive: 5m\n"
                                                "  request_timeout: 1500ms\n"))

@@ -286,6 +286,9 @@ def test_schema_1_is_migrated_in_place(tmp_path: Path, caplog: pytest.LogCapture
     assert [(e.job_id, e.status) for e in outbox] == [("open", "FAILED")]
     meta = dict(sqlite3.connect(db).execute("SELECT key, value FROM meta").fetchall())
     assert meta == {"schema": "2", "thing_name": "dev", "endpoint": "e"}
+    tables = {row[0] for row in sqlite3.connect(db).execute(
+        "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "command_executions" in tables  # AWS IoT Commands' table comes with the migration
     assert any("migrated from schema 1 to 2" in r.message for r in caplog.records)
     assert not list(tmp_path.glob("journal.db.*-*"))  # migrated, not moved aside
 

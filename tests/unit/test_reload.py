@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.config import Config, HandlerConfig, MqttConfig, load_config
+from agent.config import CommandsConfig, Config, HandlerConfig, MqttConfig, load_config
 from agent.reload import RESTART_SETTINGS, plan_reload, reread
 
 
@@ -41,16 +41,17 @@ def test_identity_connection_and_journal_wait_for_a_restart() -> None:
     old = base()
     new = base(thing_name="t2", mqtt=dataclasses.replace(old.mqtt, endpoint="x", port=443),
                state_dir=Path("/elsewhere"), boot_id_path=Path("/b"), log_format="json",
-               max_attempts=5)
+               max_attempts=5, commands=CommandsConfig(enabled=True))
     plan = plan_reload(old, new)
     assert plan.restart == ("thing_name", "mqtt.endpoint", "mqtt.port", "state_dir",
-                            "boot_id_path", "log_format")
+                            "commands", "boot_id_path", "log_format")
     assert plan.applied == ("max_attempts",)
     for name in RESTART_SETTINGS:  # the running values stay
         assert getattr(plan.config, name) == getattr(old, name)
     assert plan.config.max_attempts == 5
     assert plan.summary == ("applied max_attempts; needs a restart to change thing_name, "
-                            "mqtt.endpoint, mqtt.port, state_dir, boot_id_path, log_format")
+                            "mqtt.endpoint, mqtt.port, state_dir, commands, boot_id_path, "
+                            "log_format")
 
 
 def write_config(tmp_path: Path, **settings: object) -> Path:
