@@ -158,9 +158,8 @@ class Agent:
         base = Path(self.config.state_dir)
         entry = None
         try:
-            base.parent.mkdir(parents=True, exist_ok=True)
-            job_logs.parent.mkdir(parents=True, exist_ok=True)
             for entry in state_dirs(base, job_logs):
+                entry.path.parent.mkdir(parents=True, exist_ok=True)
                 ensure_state_dir(entry)
             entry = None
             probe = base / ".write-test"

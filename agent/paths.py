@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["LOGS_MODE", "STATE_MODE", "StateDir", "directory_problem", "ensure_state_dir",
-           "program_problem", "state_dir_problem", "state_dirs", "trusted_uids"]
+           "job_work_dir", "program_problem", "state_dir_problem", "state_dirs", "trusted_uids"]
 
 STATE_MODE = 0o711
 """state_dir, jobs/, commands/: traverse-only for others (see the module docstring)."""
@@ -158,6 +158,12 @@ def _tamper(kind: str, path: Path, where: str, info: os.stat_result, uids: froze
 
 
 # --------------------------------------------------------------------------- state directories
+
+
+def job_work_dir(state_dir: Path | str, stem: str, *, command: bool = False) -> Path:
+    """A job execution's (``<job>.<n>``) or a command's work directory: where the runner puts
+    it, and what recovery recognises a leftover handler by (its ``$JOB_WORK_DIR``)."""
+    return Path(state_dir) / ("commands" if command else "jobs") / stem
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -24,6 +25,7 @@ import pwd
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import time
 import unicodedata
@@ -255,6 +257,29 @@ def _identity(user: str | None) -> tuple[str | None, dict[str, Any]]:
     return entry.pw_dir, {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
 
 
+def _open_log(path: Path) -> int:
+    """The job's log, appended to: never through a symlink, never a FIFO or device planted
+    there (O_NONBLOCK keeps a FIFO from blocking the open; regular files ignore it)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd = os.open(path, flags, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _home(home: str | None, user: dict[str, Any], work_dir: Path) -> str:
+    """The run user's home if it has one it owns, else the work dir (which it does own): a
+    system user's home (``/nonexistent``, or root's directory) is no place to write."""
+    if home:
+        with contextlib.suppress(OSError):
+            info = os.stat(home)
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == user.get("user", os.geteuid()):
+                return home
+    return str(work_dir)
+
+
 def _parse_progress(line: bytes) -> dict[str, str] | None:
     try:
         value = json.loads(line)
@@ -346,8 +371,7 @@ class HandlerProcess:
         req = self.request
         try:
             req.log_path.parent.mkdir(parents=True, exist_ok=True)
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            self._output.log_file = os.fdopen(os.open(req.log_path, flags, 0o600), "ab")
+            self._output.log_file = os.fdopen(_open_log(req.log_path), "ab")
         except OSError as exc:
             raise AgentError(f"cannot open log {req.log_path}: {exc.strerror or exc}") from None
         self._write_log(f"start job {req.job_id} execution {req.execution_number}: "
@@ -360,29 +384,33 @@ class HandlerProcess:
             document = (json.dumps(req.document, ensure_ascii=False) + "\n").encode()
         except (TypeError, ValueError) as exc:
             raise AgentError(f"job document is not JSON: {exc}") from None
+        path = req.work_dir / DOCUMENT_FILE
         try:
-            req.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            req.work_dir.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(req.work_dir, 0o700)
+            # Everything below goes through this descriptor: a symlink planted where the work
+            # dir goes is refused (ELOOP), never followed.
             fd = os.open(req.work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.fchmod(fd, 0o700)
                 if owner:
                     os.fchown(fd, *owner)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(DOCUMENT_FILE, dir_fd=fd)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                with os.fdopen(os.open(DOCUMENT_FILE, flags, 0o600, dir_fd=fd), "wb") as file:
+                    if owner:
+                        os.fchown(file.fileno(), *owner)
+                    file.write(document)
             finally:
                 os.close(fd)
-            path = req.work_dir / DOCUMENT_FILE
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            with os.fdopen(os.open(path, flags, 0o600), "wb") as file:
-                if owner:
-                    os.fchown(file.fileno(), *owner)
-                file.write(document)
         except OSError as exc:
-            where = exc.filename or req.work_dir
+            where = req.work_dir / exc.filename if exc.filename == DOCUMENT_FILE else \
+                exc.filename or req.work_dir
             raise AgentError(f"cannot prepare work dir: {where}: {exc.strerror or exc}") from None
         # The whole environment: configured variables may replace PATH/LANG/HOME, never JOB_*.
-        env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8",
-               "HOME": home if home and os.path.isdir(home) else str(req.work_dir),
+        env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": _home(home, user, req.work_dir),
                **req.environment, "JOB_ID": req.job_id, "THING_NAME": req.thing_name,
                "EXECUTION_NUMBER": str(req.execution_number), "JOB_WORK_DIR": str(req.work_dir),
                "JOB_DOCUMENT": str(path), "JOB_PROGRESS_FD": str(PROGRESS_FD)}
