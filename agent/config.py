@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from agent.errors import ConfigError
+from agent.hygiene import Secret
 from agent.paths import directory_problem, program_problem, state_dir_problem, state_dirs
 
 __all__ = [
@@ -148,15 +149,26 @@ def _command(value: object) -> tuple[str, ...]:
 
 
 def _environment(value: object) -> dict[str, str]:
+    """NAME: value, or NAME: {value: ..., secret: true} for a value that is redacted from the
+    job's log, the agent's log and statusDetails wherever the handler prints it (a
+    :class:`agent.hygiene.Secret`)."""
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping of NAME: value, got {_kind(value)}")
     out: dict[str, str] = {}
     for key, item in value.items():
         if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ValueError(f"{key!r} is not a valid environment variable name")
+        secret = False
+        if isinstance(item, dict):
+            unknown = set(item) - {"value", "secret"}
+            if unknown or "value" not in item or not isinstance(item.get("secret", False), bool):
+                raise ValueError(f"{key}: expected a string or {{value: ..., secret: true}}, "
+                                 f"got {_kind(item)}")
+            item, secret = item["value"], item.get("secret", False)
         if isinstance(item, bool) or not isinstance(item, str | int | float):
-            raise ValueError(f"{key}: expected a string, got {_kind(item)}")
-        out[key] = str(item)
+            raise ValueError(f"{key}: expected a string or {{value: ..., secret: true}}, got "
+                             f"{_kind(item)}")
+        out[key] = Secret(item) if secret else str(item)
     return out
 
 
@@ -234,8 +246,10 @@ class HandlerConfig:
                               "kill_grace", default=3600.0, parse=parse_duration)
     user: str | None = _setting("run as this user (the agent must run as root)", default=None,
                                 parse=_user)
-    environment: dict[str, str] = _setting("extra environment variables for the handler",
-                                           default_factory=dict, parse=_environment)
+    environment: dict[str, str] = _setting(
+        "extra environment variables for the handler: NAME: value, or NAME: {value: ..., "
+        "secret: true} to redact the value from logs and statusDetails wherever the handler "
+        "prints it", default_factory=dict, parse=_environment)
     idempotent: bool = _setting("safe to run again from the start if the agent died while it "
                                 "ran (otherwise such a run is reported FAILED)", default=False)
     verify: tuple[str, ...] | None = _setting(

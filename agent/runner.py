@@ -36,6 +36,7 @@ from typing import Any, BinaryIO, Literal
 
 from agent.config import SAFE_PATH
 from agent.errors import AgentError
+from agent.hygiene import Neutraliser, Redactor, neutralise, secrets_of
 
 __all__ = ["DOCUMENT_FILE", "PROGRESS_FD", "SAFE_PATH", "HandlerProcess", "RunRequest",
            "RunResult", "format_duration", "run_handler", "sanitize_detail", "status_details"]
@@ -119,6 +120,7 @@ class _Output:
         self.cap, self.total, self.logged = max(0, cap), 0, 0
         self.head, self.tail = bytearray(), bytearray()
         self.dropping, self.line_start = False, True
+        self.neutraliser = Neutraliser()  # the log is read on terminals (agent.hygiene)
 
     def feed(self, data: bytes) -> None:
         self.total += len(data)
@@ -132,14 +134,16 @@ class _Output:
             del self.tail[:-TAIL_BYTES]
         part = data[: self.cap - self.logged]
         self.logged += len(part)
-        self.write(part)
+        self.write(self.neutraliser.feed(part))
         if len(part) < len(data) and not self.dropping:
             self.dropping = True
             self.note(f"[iot-jobs-agent: output beyond {self.cap} bytes is counted, not logged]")
 
     def note(self, line: str) -> None:
         """A line of our own, starting on a fresh line whatever the handler left."""
-        self.write(("" if self.line_start else "\n").encode() + line.encode() + b"\n")
+        self.write(self.neutraliser.flush())
+        self.write(("" if self.line_start else "\n").encode() + neutralise(line.encode())
+                   + b"\n")
 
     def write(self, data: bytes) -> None:
         """File writes, flushed at once (``iot-jobs-agent log --follow`` shows output as it
@@ -226,12 +230,12 @@ class _HandlerProtocol(asyncio.SubprocessProtocol):
         self.process = process
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
-        self.process._output.feed(data)
         if fd in (1, 2):
-            self.process._streams[fd - 1].feed(data)
+            self.process._received(fd, self.process._redactors[fd - 1].feed(data))
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd in (1, 2):
+            self.process._received(fd, self.process._redactors[fd - 1].flush())
             self.process._pipe_closed()
 
     def process_exited(self) -> None:
@@ -324,6 +328,11 @@ class HandlerProcess:
         self._started = self._ended = 0.0
         self._output = _Output(request.max_log_bytes)
         self._streams = (_Stream(), _Stream())  # stdout, stderr
+        # Secret environment values never reach the log, the result or progress (one redactor
+        # per stream, as each holds back a secret's possible start; agent.hygiene).
+        secrets = secrets_of(request.environment)
+        self._redactors = (Redactor(secrets), Redactor(secrets))
+        self._redact = Redactor(secrets)
         self._transport: asyncio.SubprocessTransport | None = None
         self._progress: asyncio.ReadTransport | None = None
 
@@ -462,13 +471,22 @@ class HandlerProcess:
             stdin.close()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"handler:{req.job_id}")
 
+    def _received(self, fd: int, data: bytes) -> None:
+        """Output of stdout (1) or stderr (2), secrets already redacted."""
+        if data:
+            self._output.feed(data)
+            self._streams[fd - 1].feed(data)
+
     def _pipe_closed(self) -> None:
         self._open_pipes -= 1
         if self._open_pipes <= 0:
             self._pipes_closed.set()
 
     def _report_progress(self, line: bytes) -> None:
+        line = self._redact.line(line)
         values = _parse_progress(line)
+        if values is not None and self._redact:
+            values = {self._redact.text(k): self._redact.text(v) for k, v in values.items()}
         if values is None:
             log.debug("progress line ignored job_id=%s line=%r", self.request.job_id, line[:100])
         elif self._on_progress is not None:
@@ -560,6 +578,7 @@ class HandlerProcess:
     def _write_log(self, text: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         text = text.replace("\r", "\\r").replace("\n", "\\n")  # one line, even for sh -c
+        text = self._redact.text(text)
         self._output.note(f"=== {stamp} {text} ===")
 
     def _close(self) -> None:
