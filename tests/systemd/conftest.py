@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,7 +104,10 @@ def agent_wheels(systemd_rootfs: Path, tmp_path_factory: pytest.TempPathFactory)
     if not deps.is_dir():
         building = Path(tempfile.mkdtemp(prefix=".wheels-", dir=CACHE))
         _pip("download", "--only-binary=:all:", "--no-deps", "-d", str(building), *pins)
-        building.rename(deps)
+        try:
+            building.rename(deps)
+        except OSError:  # another session cached the same pins meanwhile
+            shutil.rmtree(building)
     for wheel in deps.glob("*.whl"):
         (out / wheel.name).symlink_to(wheel)
     _pip("wheel", "--no-deps", "-w", str(out), str(ROOT))

@@ -151,8 +151,8 @@ class Machine:
         self._pid1 = self._find_pid1(timeout)
         state = self.wait_until_running(timeout)
         if state not in ("running", "degraded"):
-            raise MachineError(f"{self.name}: systemd is {state!r} after {timeout:g}s; "
-                               f"console: {self.console_log}")
+            raise MachineError(f"{self.name}: systemd is {state!r} after {timeout:g}s"
+                               f"{self.console_tail()}")
 
     def _find_pid1(self, timeout: float) -> int:
         """The container's systemd: the child of the nspawn process."""
@@ -161,14 +161,23 @@ class Machine:
         while time.monotonic() < deadline:
             if self._nspawn.poll() is not None:
                 raise MachineError(f"{self.name}: systemd-nspawn exited "
-                                   f"{self._nspawn.returncode} while booting; "
-                                   f"console: {self.console_log}")
+                                   f"{self._nspawn.returncode} while booting"
+                                   f"{self.console_tail()}")
             for child in self._children(self._nspawn.pid):
                 with contextlib.suppress(OSError):
                     if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
                         return child
             time.sleep(0.05)
         raise MachineError(f"{self.name}: no systemd under nspawn after {timeout:g}s")
+
+    def console_tail(self, lines: int = 30) -> str:
+        """The end of nspawn's console (the machine's boot messages), for error messages: the
+        machine's files are gone once the test has failed and torn it down."""
+        try:
+            text = self.console_log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "\nconsole:\n" + "\n".join(text)
 
     @staticmethod
     def _children(pid: int) -> list[int]:
@@ -209,7 +218,7 @@ class Machine:
         code = self.wait_exit(timeout)
         if code != REBOOT_EXIT:
             raise MachineError(f"{self.name}: nspawn exited {code}, not {REBOOT_EXIT} "
-                               f"(a reboot); console: {self.console_log}")
+                               f"(a reboot){self.console_tail()}")
         self.start(timeout=timeout)
         return self.boot_id()
 
