@@ -10,7 +10,8 @@ For tests of your own (a boot takes about a second, installing the agent a few m
 
 :func:`install_agent`, :func:`install_agent_unit`, :func:`write_agent_config` and
 :func:`boot_id_unit` are the README's install steps, one function each, so a test may swap one
-(its own unit, another config) and keep the rest.
+(its own unit, another config) and keep the rest; ``test_service.py``'s ``device`` fixture is
+the whole recipe. :class:`Device` then queues jobs with boto3 and waits for their status.
 
 The tier is skipped, with the reason, where the host is not root or cannot create namespaces;
 anywhere else a failure to build the rootfs or to boot is a test error, never a skip (CI runs
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -226,3 +228,36 @@ def wait_status(iot: Any, thing: str, job_id: str, statuses: set[str] | None = N
         time.sleep(0.2)
     pytest.fail(f"job {job_id} is {current.get('status')} {current.get('statusDetails')} "
                 f"after {timeout:g}s, not {sorted(wanted)}")
+
+
+class Device:
+    """A machine with the agent installed, the thing it is in the sandbox, and boto3 to queue
+    its jobs: what most booted tests of the agent need."""
+
+    def __init__(self, machine: Machine, thing: str, iot: Any) -> None:
+        self.machine = machine
+        self.thing = thing
+        self.iot = iot
+
+    def job(self, document: dict[str, Any]) -> str:
+        """Queue ``document`` with boto3; the new job's id."""
+        job_id = f"job-{uuid.uuid4().hex[:10]}"
+        queue_job(self.iot, self.thing, job_id, document)
+        return job_id
+
+    def wait(self, job_id: str, statuses: set[str] | None = None,
+             timeout: float = 60.0) -> dict[str, Any]:
+        return wait_status(self.iot, self.thing, job_id, statuses, timeout)
+
+    def agent(self, *properties: str) -> dict[str, str]:
+        return self.machine.show(UNIT, *properties)
+
+    def wait_active(self, timeout: float = 30.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        state: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            state = self.agent("ActiveState", "SubState", "Result")
+            if state["ActiveState"] in ("active", "failed"):
+                break
+            time.sleep(0.1)
+        return state

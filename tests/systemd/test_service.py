@@ -25,11 +25,10 @@ from tests.systemd.conftest import (
     BOOT_ID_COPY,
     UNIT,
     VENV,
+    Device,
     boot_id_unit,
     install_agent,
     install_agent_unit,
-    queue_job,
-    wait_status,
     write_agent_config,
     write_handler,
 )
@@ -47,38 +46,6 @@ WatchdogSec=4s
 """
 #: Where the hello handler leaves proof that it ran inside the machine.
 MARKS = "/var/lib/iot-ci-marks"
-
-
-class Device:
-    """The machine with the agent installed, and the thing it is in the sandbox."""
-
-    def __init__(self, machine: Machine, thing: str, iot: Any) -> None:
-        self.machine = machine
-        self.thing = thing
-        self.iot = iot
-
-    def job(self, document: dict[str, Any]) -> str:
-        """Queue ``document`` with boto3; the new job's id."""
-        job_id = f"job-{uuid.uuid4().hex[:10]}"
-        queue_job(self.iot, self.thing, job_id, document)
-        return job_id
-
-    def wait(self, job_id: str, statuses: set[str] | None = None,
-             timeout: float = 60.0) -> dict[str, Any]:
-        return wait_status(self.iot, self.thing, job_id, statuses, timeout)
-
-    def agent(self, *properties: str) -> dict[str, str]:
-        return self.machine.show(UNIT, *properties)
-
-    def wait_active(self, timeout: float = 30.0) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        state: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            state = self.agent("ActiveState", "SubState", "Result")
-            if state["ActiveState"] in ("active", "failed"):
-                break
-            time.sleep(0.1)
-        return state
 
 
 @pytest.fixture(scope="module")
