@@ -41,7 +41,7 @@ import yaml
 
 from agent.sandbox.stack import Stack
 from tests.integration.test_boto3_referee import sandbox_client
-from tests.systemd.machine import Machine, unavailable
+from tests.systemd.machine import OWNER, Machine, sweep_stale, unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("IOT_JOBS_AGENT_CI_CACHE", "/var/cache/iot-jobs-agent-ci"))
@@ -75,7 +75,9 @@ def machines_dir() -> Iterator[Path]:
     """Where machines keep their overlay layers: on the cache's filesystem (overlayfs wants
     its upper and work dirs on one filesystem; /tmp may be a small tmpfs)."""
     CACHE.mkdir(parents=True, exist_ok=True)
+    sweep_stale(CACHE)
     with tempfile.TemporaryDirectory(prefix="machines-", dir=CACHE) as directory:
+        (Path(directory) / OWNER).write_text(str(os.getpid()))
         yield Path(directory)
 
 

@@ -46,11 +46,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["REBOOT_EXIT", "Machine", "MachineError", "unavailable"]
+__all__ = ["OWNER", "REBOOT_EXIT", "Machine", "MachineError", "sweep_stale", "unavailable"]
 
 #: systemd-nspawn's exit status when the container asked for a reboot.
 REBOOT_EXIT = 133
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: In a directory of machines: the pid of the test process that owns them (see sweep_stale).
+OWNER = "owner.pid"
 #: The environment of every command run inside: nothing from the test process leaks in.
 INSIDE_ENV = ("env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
               "HOME=/root", "LANG=C.UTF-8", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0", "TERM=dumb")
@@ -271,6 +273,23 @@ class Machine:
                 return
             time.sleep(0.1)  # processes still exiting
 
+    @classmethod
+    def remains(cls, directory: Path) -> Machine:
+        """The machine that lived in ``directory`` (left by a killed test run), to close."""
+        machine = cls(Path("/nonexistent"), directory.parent, directory.name)
+        machine._cgroups = [h / machine.name for h in _cgroup_hierarchies()
+                            if (h / machine.name).is_dir()]
+        machine._mounted = os.path.ismount(machine.root)
+        return machine
+
+    def kill_all(self) -> None:
+        """SIGKILL every process in the machine's cgroups (nspawn and everything it booted)."""
+        for group in self._cgroups:
+            for procs in group.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    for pid in procs.read_text().split():
+                        os.kill(int(pid), 9)
+
     # ------------------------------------------------------------------ inside
 
     @property
@@ -339,6 +358,23 @@ class Machine:
     def boot_id(self) -> str:
         """The machine's own boot id (nspawn's, not the host kernel's; see the reference)."""
         return self.read_file("/proc/sys/kernel/random/boot_id").strip()
+
+
+def sweep_stale(cache: Path) -> None:
+    """Tear down machines that a killed test run left in ``cache``/machines-* (their nspawn
+    still running, overlay mounted, cgroups made): those whose owner pid is gone."""
+    for directory in cache.glob("machines-*"):
+        owner = directory / OWNER
+        if not owner.exists():
+            continue  # just made by a run that has not written its pid yet (or not ours)
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(owner.read_text()), 0)
+            continue  # its test run is alive
+        for remains in directory.glob("iotci-*"):
+            machine = Machine.remains(remains)
+            machine.kill_all()
+            machine.close()
+        subprocess.run(["rm", "-rf", "--one-file-system", str(directory)], check=False)
 
 
 def _as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
