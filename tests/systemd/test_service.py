@@ -22,7 +22,9 @@ import pytest
 
 from agent.sandbox.stack import Stack
 from tests.systemd.conftest import (
+    AGENT,
     BOOT_ID_COPY,
+    CONFIG,
     UNIT,
     VENV,
     Device,
@@ -68,6 +70,8 @@ def device(machine: Machine, agent_wheels: Path, stack: Stack, iot: Any) -> Iter
          "reboot": {"command": [reboot], "timeout": "1m", "verify": [reboot]}},
         shutdown_grace="1s", kill_grace="1s", boot_id_path=BOOT_ID_COPY,
         reboot_timeout="2m", log_level="info")
+    # README step 3's connection check, before the agent holds the thing's client id.
+    machine.run([AGENT, "pending", "--config", CONFIG])
     machine.run(["systemctl", "enable", "--now", UNIT])
     yield Device(machine, thing, iot)
 
@@ -93,6 +97,14 @@ def test_systemctl_status_shows_the_status_line(device: Device) -> None:
     # Nothing runs between the tests: the agent says it is idle, in both places.
     assert status_lines == ['Status: "idle, waiting for jobs"'], status
     assert device.agent("StatusText")["StatusText"] == "idle, waiting for jobs"
+    # README step 4's other view, as root inside: the running agent, connected to the sandbox.
+    deadline = time.monotonic() + 15
+    report = ""
+    while "Connection:  connected" not in report and time.monotonic() < deadline:
+        time.sleep(0.2)
+        report = device.machine.run([AGENT, "status", "--config", CONFIG]).stdout
+    assert report.startswith("iot-jobs-agent: running"), report
+    assert "Connection:  connected" in report, report
 
 
 def test_the_watchdog_is_fed(device: Device) -> None:
