@@ -284,9 +284,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from agent.sandbox.demo import DEFAULT_SANDBOX_DIR, run_sandbox
+    from agent.sandbox.demo import default_directory, run_sandbox
 
-    directory = DEFAULT_SANDBOX_DIR if args.dir is None else args.dir
+    directory = default_directory() if args.dir is None else args.dir
     policy = None
     if args.policy is not None:
         try:

@@ -18,6 +18,7 @@ the sandbox starts it again, as the next boot would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,14 +35,15 @@ import yaml
 
 from agent.config import SAFE_PATH
 from agent.errors import ConfigError
+from agent.paths import directory_problem
 from agent.sandbox._validate import Rejection
 from agent.sandbox.http_control import ACCOUNT_ID, REGION
 from agent.sandbox.iot_policy import parse_policy
 from agent.sandbox.stack import Stack
 from agent.sandbox.standins import StandIns, install_stand_ins
 
-__all__ = ["DEFAULT_SANDBOX_DIR", "RUN_COMMAND_ALLOW", "SANDBOX_THING", "run_sandbox",
-           "sandbox_settings"]
+__all__ = ["DEFAULT_SANDBOX_DIR", "RUN_COMMAND_ALLOW", "SANDBOX_THING", "default_directory",
+           "run_sandbox", "sandbox_settings"]
 
 log = logging.getLogger("agent.sandbox")
 
@@ -151,6 +153,34 @@ def _demo_command(stack: Stack) -> bool:
     _say(f"command {DEMO_COMMAND} ended {execution['status']}; result:")
     print(json.dumps(execution.get("result", {}), indent=2), flush=True)
     return bool(execution["status"] == "SUCCEEDED")
+
+
+def default_directory(cwd: Path | None = None) -> Path:
+    """Where the sandbox lives when no ``--dir`` is given: ``./.sandbox``.
+
+    The agent refuses handlers below a directory others can write (a checkout under /tmp, say),
+    and the sandbox's handlers live in its directory. There the files go to
+    ``~/.cache/iot-jobs-agent/sandbox/<hash of the checkout>`` instead, and ``./.sandbox`` becomes
+    a link to it, so the README's scripts that read ``.sandbox/sandbox.json`` still work.
+    """
+    cwd = (cwd or Path.cwd()).resolve()
+    local = cwd / DEFAULT_SANDBOX_DIR
+    if directory_problem(cwd) is None:
+        return local
+    key = hashlib.sha256(str(cwd).encode()).hexdigest()[:12]
+    private = Path.home() / ".cache" / "iot-jobs-agent" / "sandbox" / key
+    private.mkdir(parents=True, exist_ok=True)
+    if local.is_symlink() and Path(os.readlink(local)) != private:
+        local.unlink()
+    if not local.exists() and not local.is_symlink():
+        local.symlink_to(private)
+    if local.is_symlink():
+        _say(f"{cwd} is below a directory others can write, where the agent runs no handler; "
+             f"the sandbox lives in {private} ({local} links to it)")
+    else:
+        _say(f"{cwd} is below a directory others can write, where the agent runs no handler; "
+             f"the sandbox lives in {private} (remove the old {local} to get a link to it)")
+    return private
 
 
 def run_sandbox(directory: Path, *, once: bool, agent: bool = True, policy: str | None = None,
