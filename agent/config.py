@@ -641,9 +641,16 @@ def _check_state_dirs(config: Config,
 
 def _check_documents(config: Config,
                      report: Callable[[tuple[str | int, ...], str], None]) -> None:
-    """The settings Device Client documents and managed templates depend on."""
-    directories: list[tuple[tuple[str | int, ...], Path]] = [(("handler_dir",),
-                                                             config.handler_dir)]
+    """The settings Device Client documents and managed templates depend on.
+
+    The shipped handler_dir is not checked here: it is wherever pip put the package (a
+    checkout under /tmp, a user's venv), a place the user never chose, and a device that runs
+    no Device Client documents must still start. A job that would run a script from it is
+    REJECTED with the same path check (agent.documents.lookup) and says what to move.
+    """
+    directories: list[tuple[tuple[str | int, ...], Path]] = []
+    if config.handler_dir != SHIPPED_HANDLERS:
+        directories.append((("handler_dir",), config.handler_dir))
     directories += [(("handler_paths", i), d) for i, d in enumerate(config.handler_paths)]
     for where, directory in directories:
         problem = directory_problem(directory)
