@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent import backends
 from agent._version import __version__
 from agent.config import Config
 from agent.connection import Connection, ConnectionEvent
@@ -78,6 +79,8 @@ class Agent:
 
     async def serve(self) -> int:
         self._prepare_state_dir()
+        # Chosen once: where every handler runs, and what stops all of its processes.
+        backend = backends.choose(self.config)
         connection = Connection(self.config.mqtt, self.config.client_id)
         # Before the connection starts: Commands routes its topics to itself (no request may
         # arrive unrouted) and wants its subscriptions made with the first connect.
@@ -139,6 +142,7 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await backend.close()  # whatever a handler left: nothing outlives the agent's stop
         await connection.stop()
         await monitor.close()
         await journal.close()

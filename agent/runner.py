@@ -2,8 +2,10 @@
 
 A handler may flood its output, ignore SIGTERM, leave grandchildren behind or never read stdin;
 none of that may hang the agent, grow its memory or expose the agent's environment and files.
-Hence: no shell and a clean environment; a session (so a process group) of its own, so that
-stopping it reaches everything it started; output consumed by protocol callbacks as it arrives
+Hence: no shell and a clean environment; a session (so a process group) of its own, and an
+execution backend (:mod:`agent.backends`) that finds every process the handler started, setsid
+and double fork included, so that stopping it reaches all of them and none outlives the run;
+output consumed by protocol callbacks as it arrives
 on both pipes, keeping only a 4 KiB head and tail in memory; and the exit status taken from the
 child watcher, because Python 3.11's ``Process.wait()`` also waits for the pipes to close, which
 a grandchild can delay forever. Nothing raises for a handler's misbehaviour or a failure to
@@ -32,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from agent.config import SAFE_PATH
+from agent import backends
+from agent.backends import Backend, Run
+from agent.config import SAFE_PATH, HandlerLimits
 from agent.errors import AgentError
 
 __all__ = ["DOCUMENT_FILE", "PROGRESS_FD", "SAFE_PATH", "HandlerProcess", "RunRequest",
@@ -86,6 +90,7 @@ class RunRequest:
     user: str | None = None
     environment: dict[str, str] = field(default_factory=dict)
     max_log_bytes: int = 10 * 1024 * 1024  # of handler output per run; the rest is only counted
+    limits: HandlerLimits | None = None  # cgroup and sandbox settings (systemd backend)
 
 
 @dataclass(frozen=True)
@@ -284,9 +289,11 @@ class HandlerProcess:
     the handler supervised. A cancelled supervisor (the loop is closing) SIGKILLs the group.
     """
 
-    def __init__(self, request: RunRequest,
-                 on_progress: ProgressCallback | None = None) -> None:
+    def __init__(self, request: RunRequest, on_progress: ProgressCallback | None = None, *,
+                 backend: Backend | None = None) -> None:
         self.request = request
+        self._backend = backend or backends.current()
+        self._run: Run | None = None
         self._on_progress = on_progress
         self._pid: int | None = None
         self._result: RunResult | None = None
@@ -392,6 +399,11 @@ class HandlerProcess:
         req, loop, program = self.request, asyncio.get_running_loop(), self.request.argv[0]
         # Popen searches PATH for a bare name; "./name" is what execve itself would run.
         executable = program if "/" in program else os.path.join(os.curdir, program)
+        argv, user = self._backend.command(
+            list(req.argv), job_id=req.job_id, execution_number=req.execution_number,
+            limits=req.limits, user=user)
+        if argv[0] != program:  # wrapped (systemd-run): it finds the handler itself
+            program, executable = argv[0], argv[0]
         read_end, write_end = os.pipe()
         # pass_fds keeps fd numbers and os.pipe() picks ours, so the pipe must be moved to fd 3:
         # here, onto the parked fd 3 (see _park_progress_fd), which keeps vfork possible; or, if
@@ -407,12 +419,13 @@ class HandlerProcess:
             move = functools.partial(os.dup2, write_end, PROGRESS_FD)
         try:
             self._transport, _ = await loop.subprocess_exec(
-                lambda: _HandlerProtocol(self), program, *req.argv[1:], executable=executable,
+                lambda: _HandlerProtocol(self), program, *argv[1:], executable=executable,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=req.work_dir, env=env, close_fds=True,
                 pass_fds=(PROGRESS_FD,), preexec_fn=move, start_new_session=True, **user)
         except BaseException as exc:
             os.close(read_end)
+            self._backend.abandoned()
             if not isinstance(exc, OSError | ValueError | subprocess.SubprocessError):
                 raise
             where = getattr(exc, "filename", None)  # Popen names the executable or the cwd
@@ -425,6 +438,7 @@ class HandlerProcess:
                 assert _PARKED is not None
                 os.dup2(_PARKED, PROGRESS_FD, inheritable=False)  # our copy of the pipe goes
         self._pid = self._transport.get_pid()
+        self._run = self._backend.started(req.job_id, req.execution_number, self._pid)
         self._progress, _ = await loop.connect_read_pipe(
             lambda: _ProgressReader(self._report_progress, self._pipe_closed),
             os.fdopen(read_end, "rb", buffering=0))
@@ -487,7 +501,10 @@ class HandlerProcess:
                 log.warning("handler exited, its output is still held open: killing its group "
                             "job_id=%s pid=%s", req.job_id, self._pid)
                 self._signal(signal.SIGKILL)
-                await _any_of(1.0, self._pipes_closed)  # a process that left the group may stay
+                await _any_of(1.0, self._pipes_closed)
+            # Nothing the handler started outlives the run (background children, setsid).
+            assert self._run is not None
+            killed = await self._backend.finished(self._run, req.kill_grace)
         except asyncio.CancelledError:
             self._signal(signal.SIGKILL)
             self._close()
@@ -497,6 +514,8 @@ class HandlerProcess:
         assert code is not None
         outcome, reason = self._stop_reason or ("failed" if code else "succeeded",
                                                 _describe_exit(code))
+        if killed is not None and outcome != "canceled":
+            outcome, reason = "failed", killed
         head, tail = self._output.texts()
         return self._conclude(RunResult(
             outcome, reason, exit_code=code if code >= 0 else None,
@@ -517,7 +536,10 @@ class HandlerProcess:
         await self._exited.wait()
 
     def _signal(self, sig: int) -> None:
-        if self._pid is not None:
+        """To every process of the run, as its backend knows them."""
+        if self._run is not None:
+            self._backend.signal(self._run, sig)
+        elif self._pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self._pid, sig)
 
