@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from agent import backends
-from agent.backends import Backend, Run
+from agent.backends import Backend, Launch, Run
 from agent.config import SAFE_PATH, HandlerLimits
 from agent.errors import AgentError
 
@@ -239,6 +239,8 @@ class _HandlerProtocol(asyncio.SubprocessProtocol):
 
     def process_exited(self) -> None:
         self.process._ended = time.monotonic()
+        if self.process._run is not None:
+            self.process._backend.exited(self.process._run)
         self.process._exited.set()
 
 
@@ -399,12 +401,19 @@ class HandlerProcess:
         req, loop, program = self.request, asyncio.get_running_loop(), self.request.argv[0]
         # Popen searches PATH for a bare name; "./name" is what execve itself would run.
         executable = program if "/" in program else os.path.join(os.curdir, program)
-        argv, user = self._backend.command(
-            list(req.argv), job_id=req.job_id, execution_number=req.execution_number,
-            limits=req.limits, user=user)
+        try:
+            launch = self._backend.command(Launch(
+                req.job_id, req.execution_number, list(req.argv), env, req.work_dir, req.user,
+                user, req.limits))
+        except OSError as exc:
+            raise AgentError(f"cannot prepare the {self._backend.name} run: {exc}") from None
+        argv, env, user = launch.argv, launch.env, launch.popen_user
         if argv[0] != program:  # wrapped (systemd-run): it finds the handler itself
             program, executable = argv[0], argv[0]
-        read_end, write_end = os.pipe()
+        if launch.progress_fd is not None:  # the backend's own progress channel
+            read_end, write_end = launch.progress_fd, os.open(os.devnull, os.O_WRONLY)
+        else:
+            read_end, write_end = os.pipe()
         # pass_fds keeps fd numbers and os.pipe() picks ours, so the pipe must be moved to fd 3:
         # here, onto the parked fd 3 (see _park_progress_fd), which keeps vfork possible; or, if
         # fd 3 was not ours to park, by a dup2 in the child. preexec_fn is unsafe with threads
@@ -425,7 +434,7 @@ class HandlerProcess:
                 pass_fds=(PROGRESS_FD,), preexec_fn=move, start_new_session=True, **user)
         except BaseException as exc:
             os.close(read_end)
-            self._backend.abandoned()
+            self._backend.abandoned(launch)
             if not isinstance(exc, OSError | ValueError | subprocess.SubprocessError):
                 raise
             where = getattr(exc, "filename", None)  # Popen names the executable or the cwd
@@ -438,7 +447,7 @@ class HandlerProcess:
                 assert _PARKED is not None
                 os.dup2(_PARKED, PROGRESS_FD, inheritable=False)  # our copy of the pipe goes
         self._pid = self._transport.get_pid()
-        self._run = self._backend.started(req.job_id, req.execution_number, self._pid)
+        self._run = self._backend.started(launch, self._pid)
         self._progress, _ = await loop.connect_read_pipe(
             lambda: _ProgressReader(self._report_progress, self._pipe_closed),
             os.fdopen(read_end, "rb", buffering=0))
@@ -504,18 +513,18 @@ class HandlerProcess:
                 await _any_of(1.0, self._pipes_closed)
             # Nothing the handler started outlives the run (background children, setsid).
             assert self._run is not None
-            killed = await self._backend.finished(self._run, req.kill_grace)
+            ending = await self._backend.finished(self._run, req.kill_grace)
         except asyncio.CancelledError:
             self._signal(signal.SIGKILL)
             self._close()
             raise
         assert self._transport is not None
-        code = self._transport.get_returncode()
+        code = self._transport.get_returncode() if ending is None else ending.code
         assert code is not None
         outcome, reason = self._stop_reason or ("failed" if code else "succeeded",
                                                 _describe_exit(code))
-        if killed is not None and outcome != "canceled":
-            outcome, reason = "failed", killed
+        if ending is not None and ending.reason and outcome != "canceled":
+            outcome, reason = "failed", ending.reason
         head, tail = self._output.texts()
         return self._conclude(RunResult(
             outcome, reason, exit_code=code if code >= 0 else None,

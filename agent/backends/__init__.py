@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from agent.config import Config, HandlerLimits
 
-__all__ = ["Backend", "Run", "choose", "current", "install"]
+__all__ = ["Backend", "Ending", "Launch", "Run", "choose", "current", "install"]
 
 log = logging.getLogger("agent.backends")
 
@@ -48,6 +48,30 @@ class Run:
         return f"{self.job_id}.{self.execution_number}"
 
 
+@dataclass
+class Launch:
+    """One spawn, as the runner prepared it; a backend's :meth:`Backend.command` may change it."""
+
+    job_id: str
+    execution_number: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    user: str | None  # the configured user's name (None: the agent's own)
+    popen_user: dict[str, Any]  # Popen's user/group/extra_groups, {} to stay as we are
+    limits: HandlerLimits | None = None
+    progress_fd: int | None = None  # set by a backend that brings its own progress channel
+    state: Any = None  # the backend's own, from command() to started()/abandoned()
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run ended, when the backend knows better than the spawned process's status."""
+
+    code: int  # as Popen's returncode: >= 0 an exit code, < 0 a signal
+    reason: str | None = None  # replaces the exit's own reason (the OOM killer)
+
+
 class Backend(ABC):
     """The seam between the runner and the processes it starts.
 
@@ -59,27 +83,30 @@ class Backend(ABC):
 
     name = "base"
 
-    def command(self, argv: list[str], *, job_id: str, execution_number: int,
-                limits: HandlerLimits | None, user: dict[str, Any]) -> tuple[list[str],
-                                                                           dict[str, Any]]:
-        """The argv to execute and the Popen identity arguments (``user``, ``group``...)."""
-        return argv, user
+    def command(self, launch: Launch) -> Launch:
+        """What to execute for ``launch`` (a backend may wrap it: systemd-run)."""
+        return launch
 
-    def abandoned(self) -> None:
+    def exited(self, run: Run) -> None:
+        """The spawned process exited (its output may still be open)."""
+        return None
+
+    def abandoned(self, launch: Launch) -> None:
         """The spawn announced by :meth:`command` failed: there is no run to track."""
         return None
 
     @abstractmethod
-    def started(self, job_id: str, execution_number: int, pid: int) -> Run: ...
+    def started(self, launch: Launch, pid: int) -> Run: ...
 
     @abstractmethod
     def signal(self, run: Run, sig: int) -> None:
         """Send ``sig`` to every process of the run (never raises for a gone process)."""
 
     @abstractmethod
-    async def finished(self, run: Run, grace: float) -> str | None:
-        """Stop what is left of the run (TERM, then KILL after ``grace``); return a reason
-        that replaces the exit's own (the OOM killer), or None."""
+    async def finished(self, run: Run, grace: float) -> Ending | None:
+        """Stop what is left of the run (TERM, then KILL after ``grace``); return how it ended
+        when the backend knows better (the handler's own status behind systemd-run, the OOM
+        killer), or None."""
 
     async def close(self) -> None:
         """The agent stops: nothing it started may be left."""

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.backends import Backend, Run
+from agent.backends import Backend, Ending, Launch, Run
 from agent.procfs import process_start_time
 
 __all__ = ["LocalBackend", "become_subreaper"]
@@ -105,17 +105,17 @@ class LocalBackend(Backend):
 
     # ------------------------------------------------------------------ the seam
 
-    def command(self, argv, *, job_id, execution_number, limits, user):  # type: ignore[override]
+    def command(self, launch: Launch) -> Launch:
         self._spawning += 1
-        return argv, user
+        return launch
 
-    def abandoned(self) -> None:
+    def abandoned(self, launch: Launch) -> None:
         """The spawn announced by :meth:`command` failed: no run to track."""
         self._spawning = max(0, self._spawning - 1)
 
-    def started(self, job_id: str, execution_number: int, pid: int) -> Run:
+    def started(self, launch: Launch, pid: int) -> Run:
         self._spawning = max(0, self._spawning - 1)
-        run = Run(job_id, execution_number, pid, process_start_time(pid))
+        run = Run(launch.job_id, launch.execution_number, pid, process_start_time(pid))
         if not self._active and self._busy_since is None:
             self._busy_since = run.start if run.start is not None else 0
         self._active[pid] = run
@@ -131,7 +131,7 @@ class LocalBackend(Backend):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
 
-    async def finished(self, run: Run, grace: float) -> str | None:
+    async def finished(self, run: Run, grace: float) -> Ending | None:
         self._active.pop(run.pid, None)
         last = not self._active and not self._spawning
         targets = self._processes(run, last=last)
