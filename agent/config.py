@@ -190,8 +190,8 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _execution(value: object) -> str:
-    if value not in ("auto", "systemd", "local"):
-        raise ValueError(f"expected auto, systemd or local, got {value!r}")
+    if value not in ("auto", "systemd", "local", "helper"):
+        raise ValueError(f"expected auto, helper, systemd or local, got {value!r}")
     return str(value)
 
 
@@ -465,9 +465,13 @@ class Config:
     log_format: str = _setting("text (journald-aware) or json (one object per line)",
                                default="text", parse=_log_format)
     execution: str = _setting(
-        "where handlers run: auto (a transient systemd unit per run when the agent is a "
-        "systemd service as root, else local), systemd, or local (the agent is a child "
+        "where handlers run: auto (through the privileged helper when the agent is not root "
+        "and the helper's socket exists; a transient systemd unit per run when the agent is a "
+        "systemd service as root; else local), helper, systemd, or local (the agent is a child "
         "subreaper and kills what a job leaves)", default="auto", parse=_execution)
+    helper_socket: Path = _setting(
+        "the privileged helper's socket (iot-jobs-agent-helper.socket)",
+        default=Path("/run/iot-jobs-agent-helper/helper.sock"))
     metrics_file: Path | None = _setting(
         "node exporter textfile (e.g. /var/lib/prometheus/node-exporter/iot-jobs-agent.prom), "
         "rewritten atomically when a figure changes; unset: no metrics", default=None)

@@ -438,6 +438,7 @@ class Dispatcher:
             document=job.plan.document, work_dir=self._work_dir(stem),
             log_path=self._log_path(stem), timeout=step.timeout,
             kill_grace=self.config.kill_grace, user=step.user, limits=self._limits(step.handler),
+            step=job.step, phase=job.phase,
             environment={**step.environment, "JOB_PHASE": job.phase,
                          "JOB_STEP": step_label(job.plan, job.step), "JOB_STEP_NAME": step.name,
                          "IOT_JOBS_AGENT_SERVICE": self.machine.own_service()})

@@ -91,6 +91,11 @@ class RunRequest:
     environment: dict[str, str] = field(default_factory=dict)
     max_log_bytes: int = 10 * 1024 * 1024  # of handler output per run; the rest is only counted
     limits: HandlerLimits | None = None  # cgroup and sandbox settings (systemd backend)
+    # What the privileged helper is asked to run (it plans the document itself): the kind of
+    # execution, and the step of its plan and the phase (run, or verify after a reboot).
+    kind: Literal["job", "command"] = "job"
+    step: int = 0
+    phase: str = "run"
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,41 @@ class _HandlerProtocol(asyncio.SubprocessProtocol):
         self.process._exited.set()
 
 
+class _RemotePipe(asyncio.Protocol):
+    """stdout or stderr of a handler the helper started, fed to the runner like a child's."""
+
+    def __init__(self, process: HandlerProcess, fd: int) -> None:
+        self.process, self.fd = process, fd
+
+    def data_received(self, data: bytes) -> None:
+        self.process._output.feed(data)
+        self.process._streams[self.fd - 1].feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.process._pipe_closed()
+
+
+class _RemoteTransport:
+    """What the runner asks of its subprocess transport, for a handler the helper started."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+        self.pipes: list[asyncio.BaseTransport] = []
+        self.waiter: asyncio.Future[None] | None = None
+
+    def get_pid(self) -> int:
+        return self.pid
+
+    def get_returncode(self) -> int | None:
+        return self.returncode
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.close()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.cancel()
+
+
 def _identity(user: str | None) -> tuple[str | None, dict[str, Any]]:
     """The run user's home and the Popen arguments that switch to it ({} to stay as we are)."""
     euid = os.geteuid()
@@ -260,6 +300,16 @@ def _identity(user: str | None) -> tuple[str | None, dict[str, Any]]:
                          f"root can switch users")
     groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
     return entry.pw_dir, {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
+
+
+def handler_environment(req: RunRequest, home: str | None) -> dict[str, str]:
+    """The whole environment of a handler: configured variables may replace PATH/LANG/HOME,
+    never JOB_* (the privileged helper builds it with this too, never taking the agent's)."""
+    return {"PATH": SAFE_PATH, "LANG": "C.UTF-8",
+            "HOME": home if home and os.path.isdir(home) else str(req.work_dir),
+            **req.environment, "JOB_ID": req.job_id, "THING_NAME": req.thing_name,
+            "EXECUTION_NUMBER": str(req.execution_number), "JOB_WORK_DIR": str(req.work_dir),
+            "JOB_DOCUMENT": str(req.work_dir / DOCUMENT_FILE), "JOB_PROGRESS_FD": str(PROGRESS_FD)}
 
 
 def _parse_progress(line: bytes) -> dict[str, str] | None:
@@ -363,7 +413,10 @@ class HandlerProcess:
                         f"{shlex.join(req.argv)}")
         if not req.argv:
             raise AgentError("no handler command configured")
-        home, user = _identity(req.user)
+        if getattr(self._backend, "remote", False):  # the helper switches users, not us
+            home, user = None, {}
+        else:
+            home, user = _identity(req.user)
         owner = (user["user"], user["group"]) if user else None
         try:
             document = (json.dumps(req.document, ensure_ascii=False) + "\n").encode()
@@ -389,15 +442,57 @@ class HandlerProcess:
         except OSError as exc:
             where = exc.filename or req.work_dir
             raise AgentError(f"cannot prepare work dir: {where}: {exc.strerror or exc}") from None
-        # The whole environment: configured variables may replace PATH/LANG/HOME, never JOB_*.
-        env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8",
-               "HOME": home if home and os.path.isdir(home) else str(req.work_dir),
-               **req.environment, "JOB_ID": req.job_id, "THING_NAME": req.thing_name,
-               "EXECUTION_NUMBER": str(req.execution_number), "JOB_WORK_DIR": str(req.work_dir),
-               "JOB_DOCUMENT": str(path), "JOB_PROGRESS_FD": str(PROGRESS_FD)}
-        return env, user, document
+        return handler_environment(req, home), user, document
+
+    async def _spawn_remote(self, document: bytes) -> None:
+        """The privileged helper spawns it: it gets our pipe ends instead of a fork."""
+        req, loop = self.request, asyncio.get_running_loop()
+        pipes = [os.pipe() for _ in range(4)]  # stdin, stdout, stderr, progress
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
+        ours = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]]
+        try:
+            run, fifo = await self._backend.launch(  # type: ignore[attr-defined]
+                {"kind": req.kind, "job_id": req.job_id,
+                 "execution_number": req.execution_number, "document": req.document,
+                 "step": req.step, "phase": req.phase}, theirs)
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        if fifo is not None:
+            os.close(ours[3])
+            ours[3] = fifo
+        self._run, self._pid = run, run.pid
+        remote = _RemoteTransport(run.pid)
+        self._transport = remote  # type: ignore[assignment]
+        for fd in (1, 2):
+            transport, _ = await loop.connect_read_pipe(
+                lambda fd=fd: _RemotePipe(self, fd), os.fdopen(ours[fd], "rb", buffering=0))
+            remote.pipes.append(transport)
+        self._progress, _ = await loop.connect_read_pipe(
+            lambda: _ProgressReader(self._report_progress, self._pipe_closed),
+            os.fdopen(ours[3], "rb", buffering=0))
+        stdin, _ = await loop.connect_write_pipe(asyncio.Protocol,
+                                                 os.fdopen(ours[0], "wb", buffering=0))
+        stdin.write(document)  # buffered by the transport, whether the handler reads or not
+        stdin.close()
+        remote.pipes.append(stdin)
+
+        async def exited() -> None:
+            remote.returncode = await self._backend.wait(run)  # type: ignore[attr-defined]
+            self._ended = time.monotonic()
+            self._exited.set()
+
+        remote.waiter = asyncio.ensure_future(exited())
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"handler:{req.job_id}")
 
     async def _spawn(self, env: dict[str, str], user: dict[str, Any], document: bytes) -> None:
+        if getattr(self._backend, "remote", False):
+            await self._spawn_remote(document)
+            return
         req, loop, program = self.request, asyncio.get_running_loop(), self.request.argv[0]
         # Popen searches PATH for a bare name; "./name" is what execve itself would run.
         executable = program if "/" in program else os.path.join(os.curdir, program)

@@ -141,12 +141,17 @@ def under_systemd() -> bool:
 
 
 def choose(config: Config) -> Backend:
-    """The backend for this agent, chosen once at start (``execution: auto|systemd|local``)."""
-    wanted = getattr(config, "execution", "auto")
-    if wanted == "systemd" or (wanted == "auto" and under_systemd()):
+    """The backend for this agent, chosen once at start (``execution:``)."""
+    wanted = config.execution
+    if wanted == "helper" or (wanted == "auto" and os.geteuid() != 0
+                              and config.helper_socket.exists()):
+        from agent.backends.helper import HelperBackend
+
+        backend: Backend = HelperBackend(config.helper_socket)
+    elif wanted == "systemd" or (wanted == "auto" and under_systemd()):
         from agent.backends.transient import TransientUnitBackend
 
-        backend: Backend = TransientUnitBackend()
+        backend = TransientUnitBackend()
     else:
         from agent.backends.local import LocalBackend
 

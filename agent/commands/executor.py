@@ -200,7 +200,7 @@ class CommandExecutor:
             work_dir=Path(self.config.state_dir) / "commands" / execution_id,
             log_path=self.job_logs / f"command-{execution_id}.log", timeout=timeout,
             kill_grace=self.config.kill_grace, user=handler.user,
-            limits=handler.limits,
+            limits=handler.limits, kind="command",
             environment={**handler.environment, "JOB_PHASE": "run",
                          "COMMAND_EXECUTION_ID": execution_id})
 
