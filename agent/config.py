@@ -471,7 +471,7 @@ class Config:
         "subreaper and kills what a job leaves)", default="auto", parse=_execution)
     helper_socket: Path = _setting(
         "the privileged helper's socket (iot-jobs-agent-helper.socket)",
-        default=Path("/run/iot-jobs-agent-helper/helper.sock"))
+        default=Path("/run/iot-jobs-agent-helper.sock"))
     metrics_file: Path | None = _setting(
         "node exporter textfile (e.g. /var/lib/prometheus/node-exporter/iot-jobs-agent.prom), "
         "rewritten atomically when a figure changes; unset: no metrics", default=None)

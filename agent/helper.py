@@ -55,7 +55,7 @@ __all__ = ["AGENT_USER", "SOCKET_PATH", "Helper", "Refused", "receive", "send"]
 
 log = logging.getLogger("agent.helper")
 
-SOCKET_PATH = Path("/run/iot-jobs-agent-helper/helper.sock")
+SOCKET_PATH = Path("/run/iot-jobs-agent-helper.sock")
 AGENT_USER = "iot-jobs-agent"
 MAX_MESSAGE = 1 << 20
 RUN_FDS = 4  # stdin, stdout, stderr, progress
@@ -240,7 +240,7 @@ class Helper:
         if backend is None:
             from agent import backends
 
-            backend = backends.choose(config)
+            backend = backends.choose(config, privileged=True)
         self.backend = backend
         self._connections: set[asyncio.Task[None]] = set()
 

@@ -140,10 +140,13 @@ def under_systemd() -> bool:
             and os.geteuid() == 0 and shutil.which("systemd-run") is not None)
 
 
-def choose(config: Config) -> Backend:
-    """The backend for this agent, chosen once at start (``execution:``)."""
+def choose(config: Config, *, privileged: bool = False) -> Backend:
+    """The backend for this agent, chosen once at start (``execution:``); ``privileged``: for
+    the helper itself, which reads the same config and never asks itself."""
     wanted = config.execution
-    if wanted == "helper" or (wanted == "auto" and os.geteuid() != 0
+    if privileged and wanted == "helper":
+        wanted = "auto"
+    if wanted == "helper" or (wanted == "auto" and not privileged and os.geteuid() != 0
                               and config.helper_socket.exists()):
         from agent.backends.helper import HelperBackend
 

@@ -39,7 +39,8 @@ __all__ = ["TransientUnitBackend", "unit_name", "unit_properties"]
 
 log = logging.getLogger("agent.backends.transient")
 
-RUN_DIR = Path("/run/iot-jobs-agent")
+RUN_DIR = Path(os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or "/run/iot-jobs-agent")
+"""Where the progress FIFOs go: the helper's RuntimeDirectory=, else /run/iot-jobs-agent."""
 _UNIT_SAFE = re.compile(r"[A-Za-z0-9_]")
 PROGRESS_WRAPPER = 'exec 3>"$JOB_PROGRESS_FIFO" || exit 127; exec "$@"'
 """Opens the progress FIFO as fd 3 (blocking until the agent reads it, which it already does),
