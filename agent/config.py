@@ -729,9 +729,11 @@ def check_files(config: Config) -> list[str]:
                 report(("handlers", name, "user"), f"no such user {handler.user!r}: create it "
                                                    "or remove the setting")
             else:
-                if os.geteuid() != 0 and pwd.getpwnam(handler.user).pw_uid != os.geteuid():
+                if not _may_switch_users(config) and \
+                        pwd.getpwnam(handler.user).pw_uid != os.geteuid():
                     report(("handlers", name, "user"),
-                           f"running handlers as {handler.user!r} needs the agent to run as root")
+                           f"running handlers as {handler.user!r} needs the agent to run as root "
+                           "or the privileged helper (iot-jobs-agent-helper.socket)")
         if handler.limits is not None and config.execution == "local":
             first = handler.limits.properties()[0].split("=")[0]
             report(("handlers", name), f"{first}= and the other unit limits need the systemd "
@@ -739,6 +741,13 @@ def check_files(config: Config) -> list[str]:
                                        "agent as a systemd service, or remove them")
     _check_documents(config, report)
     return problems
+
+
+def _may_switch_users(config: Config) -> bool:
+    """Root does; an unprivileged agent does through the privileged helper (which checks the
+    same config as root)."""
+    return os.geteuid() == 0 or config.execution == "helper" or (
+        config.execution == "auto" and config.helper_socket.exists())
 
 
 def _check_documents(config: Config,
@@ -768,8 +777,9 @@ def _check_documents(config: Config,
         except KeyError:
             report(where, f"no such user {user!r}: create it or remove it from the list")
             continue
-        if os.geteuid() != 0 and entry.pw_uid != os.geteuid():
-            report(where, f"running commands as {user!r} needs the agent to run as root")
+        if not _may_switch_users(config) and entry.pw_uid != os.geteuid():
+            report(where, f"running commands as {user!r} needs the agent to run as root or the "
+                          "privileged helper (iot-jobs-agent-helper.socket)")
 
 
 def handler_directory_problem(directory: Path) -> str | None:
