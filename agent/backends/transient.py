@@ -92,13 +92,14 @@ class TransientUnitBackend(Backend):
         with contextlib.suppress(FileNotFoundError):
             fifo.unlink()
         os.mkfifo(fifo, 0o600)
+        # Read end first (non-blocking: no writer yet); our own writer keeps it from reading EOF
+        # until the handler opened it, and is dropped once the handler exited. Both before the
+        # FIFO goes to the run user: the helper may not override file permissions.
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        keeper = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         if launch.user is not None:
             entry = pwd.getpwnam(launch.user)
             os.chown(fifo, entry.pw_uid, entry.pw_gid)
-        # Read end first (non-blocking: no writer yet); our own writer keeps it from reading EOF
-        # until the handler opened it, and is dropped once the handler exited.
-        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        keeper = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         env = {**launch.env, "JOB_PROGRESS_FIFO": str(fifo)}
         argv = [self.systemd_run, "--quiet", "--pipe", "--wait", "--service-type=exec",
                 f"--unit={unit}", f"--working-directory={launch.cwd}",

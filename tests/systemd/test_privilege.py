@@ -121,7 +121,8 @@ def test_a_configured_user_handler_runs_as_that_user_through_the_helper(device: 
     job_id = f"priv-{uuid.uuid4().hex[:8]}"
     queue_job(iot, thing, job_id, {"operation": "whoami"})
     execution = wait_status(iot, thing, job_id)
-    assert execution["status"] == "SUCCEEDED", execution
+    assert execution["status"] == "SUCCEEDED", (
+        execution, machine.journal("-u", "iot-jobs-agent-helper", "-o", "cat")[-3000:])
     assert execution["statusDetails"]["detailsMap"]["outputHead"] == "nobody", execution
     log = machine.journal("-u", "iot-jobs-agent-helper", "-o", "cat")
     assert f"handler started job_id={job_id}" in log, textwrap.shorten(log, 2000)
