@@ -28,6 +28,7 @@ from agent.errors import CertificateValidationException, ConfigError
 from agent.jobs import JobsClient
 from agent.journal import Journal
 from agent.monitor import Monitor
+from agent.paths import ensure_state_dir, state_dirs
 from agent.reload import reread
 from agent.systemd import Notifier
 
@@ -78,7 +79,10 @@ class Agent:
         self._stop.set()
 
     async def serve(self) -> int:
-        self._prepare_state_dir()
+        # Under systemd, per-job logs go where LogsDirectory= points; else under state_dir.
+        job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")
+                        or Path(self.config.state_dir) / "logs")
+        self._prepare_state_dir(job_logs)
         # Chosen once: where every handler runs, and what stops all of its processes.
         backend = backends.choose(self.config)
         connection = Connection(self.config.mqtt, self.config.client_id)
@@ -93,9 +97,6 @@ class Agent:
                           thing_name=self.config.thing_name,
                           endpoint=self.config.mqtt.endpoint.lower())
         await journal.open()
-        # Under systemd, per-job logs go where LogsDirectory= points; else under state_dir.
-        job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")
-                        or Path(self.config.state_dir) / "logs")
         monitor = Monitor(self.config, journal, job_logs=job_logs, version=__version__,
                           pid=os.getpid())
         dispatcher = Dispatcher(self.config, jobs, journal, job_logs=job_logs,
@@ -155,14 +156,25 @@ class Agent:
 
     # ------------------------------------------------------------------ helpers
 
-    def _prepare_state_dir(self) -> None:
+    def _prepare_state_dir(self, job_logs: Path) -> None:
+        """Create the state directories private (or check that existing ones are: anyone who
+        can write them can plant a journal or a log symlink; :mod:`agent.paths`)."""
         base = Path(self.config.state_dir)
+        entry = None
         try:
-            for sub in (base, base / "jobs", base / "logs"):
-                sub.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for entry in state_dirs(base, job_logs):
+                entry.path.parent.mkdir(parents=True, exist_ok=True)
+                ensure_state_dir(entry)
+            entry = None
             probe = base / ".write-test"
-            probe.write_bytes(b"")
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
             probe.unlink()
+        except PermissionError as exc:
+            if entry is not None and not exc.filename:  # state_dir_problem's own message
+                raise ConfigError(str(exc)) from None
+            raise ConfigError(f"state_dir {base} is not usable ({exc.strerror}): create it, "
+                              f"writable by uid {os.geteuid()}, or set state_dir") from None
         except OSError as exc:
             raise ConfigError(f"state_dir {base} is not usable ({exc.strerror}): create it, "
                               f"writable by uid {os.geteuid()}, or set state_dir") from None
@@ -181,7 +193,6 @@ class Agent:
         from agent.commands import CommandExecutor, CommandJournal
 
         records = CommandJournal(journal)
-        (Path(self.config.state_dir) / "commands").mkdir(mode=0o700, exist_ok=True)
         log.info("commands enabled thing=%s formats=%s max_concurrent=%d",
                  self.config.thing_name, ",".join(self.config.commands.formats),
                  self.config.commands.max_concurrent)

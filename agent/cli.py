@@ -143,8 +143,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from agent.runner import format_duration
     session = (f"kept {format_duration(config.mqtt.session_expiry)} across restarts"
                if config.mqtt.session_expiry > 0 else "clean at each start")
+    from agent.hygiene import Secret
+    secrets = sorted(f"{where}.{name}" for where, env in (
+        ("handler_environment", config.handler_environment),
+        *((f"handlers.{n}.environment", h.environment) for n, h in config.handlers.items()))
+        for name, value in env.items() if isinstance(value, Secret))
+    hidden = (f", secret environment (redacted from logs and statusDetails): "
+              f"{', '.join(secrets)}") if secrets else ""
     print(f"{args.config}: OK (thing {config.thing_name}, handlers: {handlers}, "
-          f"commands: {commands}, mqtt session: {session})")
+          f"commands: {commands}, mqtt session: {session}{hidden})")
     return EXIT_OK
 
 

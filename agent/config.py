@@ -28,6 +28,8 @@ from typing import Any
 import yaml
 
 from agent.errors import ConfigError
+from agent.hygiene import Secret
+from agent.paths import directory_problem, program_problem, state_dir_problem, state_dirs
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -40,8 +42,6 @@ __all__ = [
     "MqttConfig",
     "RunCommandConfig",
     "check_files",
-    "handler_directory_problem",
-    "handler_program_problem",
     "load_checked",
     "load_config",
     "parse_duration",
@@ -150,15 +150,26 @@ def _command(value: object) -> tuple[str, ...]:
 
 
 def _environment(value: object) -> dict[str, str]:
+    """NAME: value, or NAME: {value: ..., secret: true} for a value that is redacted from the
+    job's log, the agent's log and statusDetails wherever the handler prints it (a
+    :class:`agent.hygiene.Secret`)."""
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping of NAME: value, got {_kind(value)}")
     out: dict[str, str] = {}
     for key, item in value.items():
         if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ValueError(f"{key!r} is not a valid environment variable name")
+        secret = False
+        if isinstance(item, dict):
+            unknown = set(item) - {"value", "secret"}
+            if unknown or "value" not in item or not isinstance(item.get("secret", False), bool):
+                raise ValueError(f"{key}: expected a string or {{value: ..., secret: true}}, "
+                                 f"got {_kind(item)}")
+            item, secret = item["value"], item.get("secret", False)
         if isinstance(item, bool) or not isinstance(item, str | int | float):
-            raise ValueError(f"{key}: expected a string, got {_kind(item)}")
-        out[key] = str(item)
+            raise ValueError(f"{key}: expected a string or {{value: ..., secret: true}}, got "
+                             f"{_kind(item)}")
+        out[key] = Secret(item) if secret else str(item)
     return out
 
 
@@ -327,8 +338,10 @@ class HandlerConfig:
                               "kill_grace", default=3600.0, parse=parse_duration)
     user: str | None = _setting("run as this user (the agent must run as root)", default=None,
                                 parse=_user)
-    environment: dict[str, str] = _setting("extra environment variables for the handler",
-                                           default_factory=dict, parse=_environment)
+    environment: dict[str, str] = _setting(
+        "extra environment variables for the handler: NAME: value, or NAME: {value: ..., "
+        "secret: true} to redact the value from logs and statusDetails wherever the handler "
+        "prints it", default_factory=dict, parse=_environment)
     idempotent: bool = _setting("safe to run again from the start if the agent died while it "
                                 "ran (otherwise such a run is reported FAILED)", default=False)
     verify: tuple[str, ...] | None = _setting(
@@ -694,8 +707,9 @@ def check_files(config: Config) -> list[str]:
     """Problems with the files the config names, one actionable line each (empty if fine).
 
     Checks what a running agent would trip over later: certificates and key readable, the key
-    private (mode 0600), every handler program present, executable and safe from tampering
-    (owned by root or by us, not writable by group or others, nor its directory).
+    private (mode 0600), every program the config names (handlers, ``verify``,
+    ``reboot_command``, ``run_command.allow``, the handler directories) present and safe from
+    tampering along its whole path, and the state directories private (:mod:`agent.paths`).
     """
     lines = _source_lines(config)
 
@@ -718,10 +732,10 @@ def check_files(config: Config) -> list[str]:
             report(("mqtt", name), f"private key {file} is accessible by group or others "
                                    f"(mode {stat.S_IMODE(st.st_mode):04o}): run `chmod 600 {file}`")
     for name, handler in config.handlers.items():
-        where = ("handlers", name, "command")
-        problem = handler_program_problem(handler.program)
-        if problem:
-            report(where, problem)
+        for setting, argv in (("command", handler.command), ("verify", handler.verify)):
+            if argv and (problem := program_problem(Path(argv[0]))):
+                report(("handlers", name, setting),
+                       problem if setting == "command" else f"verify: {problem}")
         if handler.user is not None:
             try:
                 pwd.getpwnam(handler.user)
@@ -739,7 +753,11 @@ def check_files(config: Config) -> list[str]:
             report(("handlers", name), f"{first}= and the other unit limits need the systemd "
                                        "backend: set execution: auto (or systemd) and run the "
                                        "agent as a systemd service, or remove them")
+    if problem := program_problem(Path(config.reboot_command[0]), "reboot_command program",
+                                  missing_ok=True):
+        report(("reboot_command",), problem)
     _check_documents(config, report)
+    _check_state_dirs(config, report)
     return problems
 
 
@@ -750,6 +768,16 @@ def _may_switch_users(config: Config) -> bool:
         config.execution == "auto" and config.helper_socket.exists())
 
 
+def _check_state_dirs(config: Config,
+                      report: Callable[[tuple[str | int, ...], str], None]) -> None:
+    """Existing state directories must be the agent's and private (missing ones are created
+    so at start)."""
+    logs = os.environ.get("LOGS_DIRECTORY") or None
+    for entry in state_dirs(config.state_dir, Path(logs) if logs else None):
+        if problem := state_dir_problem(entry):
+            report(("state_dir",), problem)
+
+
 def _check_documents(config: Config,
                      report: Callable[[tuple[str | int, ...], str], None]) -> None:
     """The settings Device Client documents and managed templates depend on."""
@@ -757,7 +785,7 @@ def _check_documents(config: Config,
                                                              config.handler_dir)]
     directories += [(("handler_paths", i), d) for i, d in enumerate(config.handler_paths)]
     for where, directory in directories:
-        problem = handler_directory_problem(directory)
+        problem = directory_problem(directory)
         if problem:
             report(where, problem)
     search = config.handler_environment.get("PATH", SAFE_PATH)
@@ -770,6 +798,8 @@ def _check_documents(config: Config,
                 f"install it, or write its absolute path (PATH is {search})"
             report(("run_command", "allow", i),
                    f"program {program!r} is not found on this device: {hint}")
+        elif problem := program_problem(Path(found), "runCommand program"):
+            report(("run_command", "allow", i), problem)
     for i, user in enumerate(config.run_command.users):
         where: tuple[str | int, ...] = ("run_command", "users", i)
         try:
@@ -780,58 +810,6 @@ def _check_documents(config: Config,
         if not _may_switch_users(config) and entry.pw_uid != os.geteuid():
             report(where, f"running commands as {user!r} needs the agent to run as root or the "
                           "privileged helper (iot-jobs-agent-helper.socket)")
-
-
-def handler_directory_problem(directory: Path) -> str | None:
-    """Why scripts in ``directory`` must not be run (None if they may): anyone who can add or
-    replace a file there can run code as the agent."""
-    try:
-        info = directory.stat()
-    except FileNotFoundError:
-        return f"directory {directory} does not exist: create it or fix the path"
-    except OSError as exc:
-        return f"directory {directory} cannot be checked: {exc.strerror}"
-    if not stat.S_ISDIR(info.st_mode):
-        return f"{directory} is not a directory"
-    return _tamper_problem("directory", directory, info, sticky_ok=False)
-
-
-def handler_program_problem(program: Path) -> str | None:
-    """Why ``program`` must not be run as a handler (None if it is safe to run).
-
-    Anyone who can write the program or its directory can run code as the agent (root), so it
-    must be owned by root or by the agent's own user and be writable by nobody else.
-    """
-    try:
-        st = program.stat()
-    except FileNotFoundError:
-        return f"handler program {program} does not exist: install it or fix the path"
-    except OSError as exc:
-        return f"handler program {program} cannot be checked: {exc.strerror}"
-    if not stat.S_ISREG(st.st_mode):
-        return f"handler program {program} is not a regular file"
-    if not os.access(program, os.X_OK):
-        return f"handler program {program} is not executable: run `chmod 755 {program}`"
-    for path, info in ((program, st), (program.parent, program.parent.stat())):
-        kind = "handler program" if path == program else "directory of handler program"
-        problem = _tamper_problem(kind, path, info, sticky_ok=True)
-        if problem:
-            return problem
-    return None
-
-
-def _tamper_problem(kind: str, path: Path, info: os.stat_result, *,
-                    sticky_ok: bool) -> str | None:
-    """Owned by root or the agent's user and writable by nobody else (a sticky directory such
-    as /tmp lets nobody replace another user's file, so it may be group/other-writable)."""
-    if info.st_uid not in {0, os.geteuid()}:
-        return (f"{kind} {path} is owned by uid {info.st_uid}, not root or the agent's user: "
-                f"run `chown root {path}`")
-    sticky = sticky_ok and stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
-    if info.st_mode & 0o022 and not sticky:
-        return (f"{kind} {path} is writable by group or others "
-                f"(mode {stat.S_IMODE(info.st_mode):04o}): run `chmod go-w {path}`")
-    return None
 
 
 def _stat_readable(file: Path, report: Callable[[str], None]) -> os.stat_result | None:

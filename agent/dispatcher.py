@@ -51,6 +51,7 @@ from agent.execution import PlanRun, StepRun, final_report, handoff, progress, s
 from agent.jobs import JobsClient
 from agent.journal import Journal, Record
 from agent.lifecycle import ExecutionKey, step_timeout_minutes
+from agent.paths import job_work_dir
 from agent.recovery import Machine, plan_recovery
 from agent.reporter import Reporter, backoff
 from agent.runner import HandlerProcess, RunRequest, RunResult, sanitize_detail
@@ -270,7 +271,7 @@ class Dispatcher:
         return self.job_logs / f"{stem}.log"
 
     def _work_dir(self, stem: str) -> Path:
-        return Path(self.config.state_dir) / "jobs" / stem
+        return job_work_dir(self.config.state_dir, stem)
 
     def _refuse(self, reason: str) -> None:
         if self.refusing is None:

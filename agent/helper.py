@@ -335,7 +335,8 @@ class Helper:
                           "extra_groups": os.getgrouplist(entry.pw_name, entry.pw_gid)}
         launch = self.backend.command(Launch(
             request.job_id, request.execution_number, list(request.argv),
-            handler_environment(request, home), request.work_dir, request.user, popen_user,
+            handler_environment(request, home, popen_user), request.work_dir, request.user,
+            popen_user,
             request.limits))
         progress, move, parked = fds[3], None, False
         if launch.progress_fd is None:  # the handler gets the agent's pipe as fd 3

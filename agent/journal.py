@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -271,6 +272,7 @@ class Journal:
         return aside
 
     def _connect(self) -> sqlite3.Connection:
+        _make_private(self.path)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -573,6 +575,26 @@ def _schema_version(db: sqlite3.Connection) -> int | None:
     table = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND "
                        "name='executions'").fetchone()
     return 1 if table else None
+
+
+def _make_private(path: Path) -> None:
+    """The journal (and its WAL files, which SQLite creates with the journal's mode) readable
+    by the agent's user only: state_dir lets others pass through (agent.paths), and documents
+    may hold what only the job's handler should see."""
+    for suffix, create in (("", os.O_CREAT), ("-wal", 0), ("-shm", 0)):
+        try:
+            fd = os.open(f"{path}{suffix}", os.O_RDONLY | create | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+        except OSError:
+            continue  # missing, or not ours to open: sqlite says what is wrong
+        try:
+            info = os.fstat(fd)
+            if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _other_owner(db: sqlite3.Connection, owner: dict[str, str | None]) -> dict[str, str]:

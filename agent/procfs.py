@@ -9,9 +9,11 @@ commands stay fast.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-__all__ = ["BOOT_ID_PATH", "boot_id", "process_start_time"]
+__all__ = ["BOOT_ID_PATH", "boot_id", "process_cmdline", "process_environ",
+           "process_start_time"]
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
@@ -39,3 +41,22 @@ def boot_id(path: Path | str = BOOT_ID_PATH) -> str | None:
         return Path(path).read_text().strip() or None
     except OSError:
         return None
+
+
+def process_cmdline(pid: int) -> list[str] | None:
+    """The process's argv as the kernel shows it (a script's interpreter first), or None."""
+    try:
+        data = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [os.fsdecode(arg) for arg in data.split(b"\0")[:-1]] if data else None
+
+
+def process_environ(pid: int) -> dict[str, str]:
+    """The environment the process's program started with (empty if unreadable)."""
+    try:
+        data = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (os.fsdecode(item).partition("=") for item in data.split(b"\0") if item)
+    return {name: value for name, sep, value in pairs if sep}

@@ -40,9 +40,11 @@ from agent.config import Config
 from agent.documents import Plan
 from agent.jobs.shapes import TERMINAL_STATUSES
 from agent.journal import Record, StepRecord
-from agent.procfs import boot_id, process_start_time
+from agent.paths import job_work_dir
+from agent.procfs import boot_id, process_cmdline, process_environ, process_start_time
 
-__all__ = ["REBOOT_EXIT_CODE", "RESTART_EXIT_CODE", "Action", "Machine", "plan_recovery"]
+__all__ = ["REBOOT_EXIT_CODE", "RESTART_EXIT_CODE", "Action", "Handler", "Machine",
+           "plan_recovery"]
 
 log = logging.getLogger("agent.recovery")
 
@@ -78,7 +80,12 @@ def plan_recovery(record: Record, cloud: tuple[str, int | None], config: Config,
     or a journal written before plans had steps).
     """
     cloud_status, cloud_version = cloud
-    leftover = record.pid if machine.alive(record.pid, record.pid_start) else None
+    argvs = []  # what the leftover process may run; none known: it is never signalled
+    if not isinstance(plan, str) and plan.steps:
+        ran = plan.steps[min(current.step if current else 0, len(plan.steps) - 1)]
+        argvs = [ran.argv, *([ran.verify] if ran.verify else [])]
+    handler = Handler(job_work_dir(config.state_dir, record.stem), tuple(argvs))
+    leftover = record.pid if machine.alive(record.pid, record.pid_start, handler) else None
     if cloud_status in TERMINAL_STATUSES or cloud_status in _GONE_CODES:
         return Action("done", kill_pid=leftover)
     if record.state == "claiming" and cloud_status == "QUEUED":
@@ -139,6 +146,15 @@ def _interrupted(plan: Plan, index: int) -> str:
             f"({step.name}) ran; not run again because {why}")
 
 
+@dataclass(frozen=True)
+class Handler:
+    """What tells a handler process of ours from any other: the work directory it was given
+    and the argvs it may run (a step's, and its verify's)."""
+
+    work_dir: Path
+    argvs: tuple[tuple[str, ...], ...] = ()
+
+
 class Machine:
     """The host, as recovery and reboots see it. Tests point ``boot_id_path`` and
     ``reboot_command`` at harmless stand-ins."""
@@ -167,8 +183,21 @@ class Machine:
                  if part.endswith(".service")]
         return units[-1] if units else DEFAULT_SERVICE
 
-    def alive(self, pid: int | None, start: int | None) -> bool:
-        return pid is not None and start is not None and self.start_time(pid) == start
+    def alive(self, pid: int | None, start: int | None, handler: Handler) -> bool:
+        """Whether ``pid`` is still the handler we started, so that signalling its group hits
+        nothing else: the same start time (the pid was not reused), and it runs the handler's
+        argv or carries its ``$JOB_WORK_DIR`` (which survives an ``exec``). A journal planted or
+        gone stale can then name no other process."""
+        if pid is None or start is None or self.start_time(pid) != start:
+            return False
+        argv = process_cmdline(pid) or []
+        if any(want and argv[-len(want):] == list(want) for want in handler.argvs):
+            return True  # a script runs under its interpreter: the argv is the tail
+        if process_environ(pid).get("JOB_WORK_DIR") == str(handler.work_dir):
+            return True
+        log.warning("not signalling pid %d: it is not the handler the journal names (argv %s)",
+                    pid, " ".join(argv)[:200] or "unknown")
+        return False
 
     async def kill_group(self, pgid: int, grace: float) -> None:
         """Stop a handler left running by a dead agent: SIGTERM, then SIGKILL after ``grace``."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ import pwd
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import time
 import unicodedata
@@ -38,6 +40,7 @@ from agent import backends
 from agent.backends import Backend, Launch, Run
 from agent.config import SAFE_PATH, HandlerLimits
 from agent.errors import AgentError
+from agent.hygiene import Neutraliser, Redactor, neutralise, secrets_of
 
 __all__ = ["DOCUMENT_FILE", "PROGRESS_FD", "SAFE_PATH", "HandlerProcess", "RunRequest",
            "RunResult", "format_duration", "run_handler", "sanitize_detail", "status_details"]
@@ -127,6 +130,7 @@ class _Output:
         self.cap, self.total, self.logged = max(0, cap), 0, 0
         self.head, self.tail = bytearray(), bytearray()
         self.dropping, self.line_start = False, True
+        self.neutraliser = Neutraliser()  # the log is read on terminals (agent.hygiene)
 
     def feed(self, data: bytes) -> None:
         self.total += len(data)
@@ -140,14 +144,16 @@ class _Output:
             del self.tail[:-TAIL_BYTES]
         part = data[: self.cap - self.logged]
         self.logged += len(part)
-        self.write(part)
+        self.write(self.neutraliser.feed(part))
         if len(part) < len(data) and not self.dropping:
             self.dropping = True
             self.note(f"[iot-jobs-agent: output beyond {self.cap} bytes is counted, not logged]")
 
     def note(self, line: str) -> None:
         """A line of our own, starting on a fresh line whatever the handler left."""
-        self.write(("" if self.line_start else "\n").encode() + line.encode() + b"\n")
+        self.write(self.neutraliser.flush())
+        self.write(("" if self.line_start else "\n").encode() + neutralise(line.encode())
+                   + b"\n")
 
     def write(self, data: bytes) -> None:
         """File writes, flushed at once (``iot-jobs-agent log --follow`` shows output as it
@@ -234,12 +240,12 @@ class _HandlerProtocol(asyncio.SubprocessProtocol):
         self.process = process
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
-        self.process._output.feed(data)
         if fd in (1, 2):
-            self.process._streams[fd - 1].feed(data)
+            self.process._received(fd, self.process._redactors[fd - 1].feed(data))
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd in (1, 2):
+            self.process._received(fd, self.process._redactors[fd - 1].flush())
             self.process._pipe_closed()
 
     def process_exited(self) -> None:
@@ -302,11 +308,35 @@ def _identity(user: str | None) -> tuple[str | None, dict[str, Any]]:
     return entry.pw_dir, {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
 
 
-def handler_environment(req: RunRequest, home: str | None) -> dict[str, str]:
+def _open_log(path: Path) -> int:
+    """The job's log, appended to: never through a symlink, never a FIFO or device planted
+    there (O_NONBLOCK keeps a FIFO from blocking the open; regular files ignore it)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd = os.open(path, flags, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _home(home: str | None, user: dict[str, Any], work_dir: Path) -> str:
+    """The run user's home if it has one it owns, else the work dir (which it does own): a
+    system user's home (``/nonexistent``, or root's directory) is no place to write."""
+    if home:
+        with contextlib.suppress(OSError):
+            info = os.stat(home)
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == user.get("user", os.geteuid()):
+                return home
+    return str(work_dir)
+
+
+def handler_environment(req: RunRequest, home: str | None,
+                        user: dict[str, Any]) -> dict[str, str]:
     """The whole environment of a handler: configured variables may replace PATH/LANG/HOME,
     never JOB_* (the privileged helper builds it with this too, never taking the agent's)."""
     return {"PATH": SAFE_PATH, "LANG": "C.UTF-8",
-            "HOME": home if home and os.path.isdir(home) else str(req.work_dir),
+            "HOME": _home(home, user, req.work_dir),
             **req.environment, "JOB_ID": req.job_id, "THING_NAME": req.thing_name,
             "EXECUTION_NUMBER": str(req.execution_number), "JOB_WORK_DIR": str(req.work_dir),
             "JOB_DOCUMENT": str(req.work_dir / DOCUMENT_FILE), "JOB_PROGRESS_FD": str(PROGRESS_FD)}
@@ -358,6 +388,11 @@ class HandlerProcess:
         self._started = self._ended = 0.0
         self._output = _Output(request.max_log_bytes)
         self._streams = (_Stream(), _Stream())  # stdout, stderr
+        # Secret environment values never reach the log, the result or progress (one redactor
+        # per stream, as each holds back a secret's possible start; agent.hygiene).
+        secrets = secrets_of(request.environment)
+        self._redactors = (Redactor(secrets), Redactor(secrets))
+        self._redact = Redactor(secrets)
         self._transport: asyncio.SubprocessTransport | None = None
         self._progress: asyncio.ReadTransport | None = None
 
@@ -405,8 +440,7 @@ class HandlerProcess:
         req = self.request
         try:
             req.log_path.parent.mkdir(parents=True, exist_ok=True)
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            self._output.log_file = os.fdopen(os.open(req.log_path, flags, 0o600), "ab")
+            self._output.log_file = os.fdopen(_open_log(req.log_path), "ab")
         except OSError as exc:
             raise AgentError(f"cannot open log {req.log_path}: {exc.strerror or exc}") from None
         self._write_log(f"start job {req.job_id} execution {req.execution_number}: "
@@ -423,26 +457,30 @@ class HandlerProcess:
         except (TypeError, ValueError) as exc:
             raise AgentError(f"job document is not JSON: {exc}") from None
         try:
-            req.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            req.work_dir.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(req.work_dir, 0o700)
+            # Everything below goes through this descriptor: a symlink planted where the work
+            # dir goes is refused (ELOOP), never followed.
             fd = os.open(req.work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.fchmod(fd, 0o700)
                 if owner:
                     os.fchown(fd, *owner)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(DOCUMENT_FILE, dir_fd=fd)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                with os.fdopen(os.open(DOCUMENT_FILE, flags, 0o600, dir_fd=fd), "wb") as file:
+                    if owner:
+                        os.fchown(file.fileno(), *owner)
+                    file.write(document)
             finally:
                 os.close(fd)
-            path = req.work_dir / DOCUMENT_FILE
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            with os.fdopen(os.open(path, flags, 0o600), "wb") as file:
-                if owner:
-                    os.fchown(file.fileno(), *owner)
-                file.write(document)
         except OSError as exc:
-            where = exc.filename or req.work_dir
+            where = req.work_dir / exc.filename if exc.filename == DOCUMENT_FILE else \
+                exc.filename or req.work_dir
             raise AgentError(f"cannot prepare work dir: {where}: {exc.strerror or exc}") from None
-        return handler_environment(req, home), user, document
+        return handler_environment(req, home, user), user, document
 
     async def _spawn_remote(self, document: bytes) -> None:
         """The privileged helper spawns it: it gets our pipe ends instead of a fork."""
@@ -552,13 +590,22 @@ class HandlerProcess:
             stdin.close()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"handler:{req.job_id}")
 
+    def _received(self, fd: int, data: bytes) -> None:
+        """Output of stdout (1) or stderr (2), secrets already redacted."""
+        if data:
+            self._output.feed(data)
+            self._streams[fd - 1].feed(data)
+
     def _pipe_closed(self) -> None:
         self._open_pipes -= 1
         if self._open_pipes <= 0:
             self._pipes_closed.set()
 
     def _report_progress(self, line: bytes) -> None:
+        line = self._redact.line(line)
         values = _parse_progress(line)
+        if values is not None and self._redact:
+            values = {self._redact.text(k): self._redact.text(v) for k, v in values.items()}
         if values is None:
             log.debug("progress line ignored job_id=%s line=%r", self.request.job_id, line[:100])
         elif self._on_progress is not None:
@@ -658,6 +705,7 @@ class HandlerProcess:
     def _write_log(self, text: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         text = text.replace("\r", "\\r").replace("\n", "\\n")  # one line, even for sh -c
+        text = self._redact.text(text)
         self._output.note(f"=== {stamp} {text} ===")
 
     def _close(self) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import http.server
 import json
+import os
 import re
 import threading
 import uuid
@@ -28,6 +29,20 @@ from agent.jobs import JobsClient
 from agent.sandbox.stack import Stack
 
 _SESSION = botocore.session.get_session()
+
+
+def _safe_temproot() -> None:
+    """Keep pytest's tmp_path out of /tmp: the agent refuses to run a program whose path
+    passes through a directory others can write, and a sticky /tmp is such a directory
+    (agent.paths). The tests' handlers live in tmp_path, so its root must be private."""
+    if os.environ.get("PYTEST_DEBUG_TEMPROOT"):
+        return
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ija-tests"
+    root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = str(root)
+
+
+_safe_temproot()
 
 T = TypeVar("T")
 

@@ -47,7 +47,8 @@ from agent.errors import (
     TerminalStateException,
     ThrottlingException,
 )
-from agent.recovery import Machine
+from agent.paths import job_work_dir
+from agent.recovery import Handler, Machine
 from agent.reporter import backoff
 from agent.runner import HandlerProcess, RunRequest, RunResult
 
@@ -197,7 +198,7 @@ class CommandExecutor:
         return RunRequest(
             job_id=execution_id, execution_number=1, thing_name=self.config.thing_name,
             argv=command.work.argv, document=command.work.document,
-            work_dir=Path(self.config.state_dir) / "commands" / execution_id,
+            work_dir=job_work_dir(self.config.state_dir, execution_id, command=True),
             log_path=self.job_logs / f"command-{execution_id}.log", timeout=timeout,
             kill_grace=self.config.kill_grace, user=handler.user,
             limits=handler.limits, kind="command",
@@ -378,7 +379,11 @@ class CommandExecutor:
     async def _recover(self) -> None:
         """Finish what a previous run of the agent started (crash, kill -9, reboot)."""
         for record in await self.journal.open_records():
-            alive = self.machine.alive(record.pid, record.pid_start)
+            known = _work(record, self.config)
+            handler = Handler(job_work_dir(self.config.state_dir, record.execution_id,
+                                           command=True),
+                              (tuple(known.argv),) if known is not None else ())
+            alive = self.machine.alive(record.pid, record.pid_start, handler)
             plan = lifecycle.plan_recovery(record, time.time(), self.config, alive)
             log.info("recovering command execution_id=%s state=%s action=%s", record.execution_id,
                      record.state, plan.kind)

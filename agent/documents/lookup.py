@@ -32,8 +32,9 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
-from agent.config import SAFE_PATH, Config, handler_program_problem
+from agent.config import SAFE_PATH, Config
 from agent.documents.plan import DocumentError, Step
+from agent.paths import program_problem
 
 __all__ = ["Host", "SystemHost", "command_step", "handler_step"]
 
@@ -61,7 +62,7 @@ class SystemHost:
         return os.path.lexists(path)
 
     def program_problem(self, program: Path) -> str | None:
-        return handler_program_problem(program)
+        return program_problem(program)
 
     def which(self, name: str, search: str) -> str | None:
         return shutil.which(name, path=search)

@@ -277,7 +277,7 @@ def test_job_canceled_during_the_reboot(thing: Thing, tmp_path: Path) -> None:
 
 def test_corrupt_journal_is_moved_aside(thing: Thing, tmp_path: Path) -> None:
     state = tmp_path / "agent" / "state"
-    state.mkdir(parents=True)
+    state.mkdir(mode=0o700, parents=True)  # private, as the agent makes it
     (state / "journal.db").write_bytes(b"this is not a database" * 100)
     path = write_handler(tmp_path / "handlers", "ok.sh", "exit 0\n")
     job = thing.j("after-corruption")
@@ -294,8 +294,9 @@ def test_corrupt_journal_is_moved_aside(thing: Thing, tmp_path: Path) -> None:
 def test_full_disk_refuses_new_jobs_then_recovers(thing: Thing, tmp_path: Path) -> None:
     state = tmp_path / "agent" / "state"
     state.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(state)],
-                             capture_output=True, text=True)
+    # mode=0700: a tmpfs is 1777 by default, and the agent refuses a state_dir others can write.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs",
+                              str(state)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {mounted.stderr.strip()}")
     try:

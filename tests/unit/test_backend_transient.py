@@ -168,7 +168,7 @@ def test_unit_names_escape_the_job_id(job_id: str) -> None:
     name = unit_name(job_id, 7)
     assert name.startswith("iot-jobs-agent-job-") and name.endswith(".service")
     middle = name[len("iot-jobs-agent-job-"):-len(".service")]
-    assert all(c.isalnum() and c.isascii() or c in "_-\\" for c in middle), name
+    assert all((c.isalnum() and c.isascii()) or c in "_-\\" for c in middle), name
     assert "/" not in name and "@" not in name and ".." not in name
     assert len(name) < 256
 

@@ -57,6 +57,15 @@ def test_check_config_ok(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "commands: on (json, cbor)" in proc.stdout
     assert "mqtt session: kept 10m across restarts" in proc.stdout
+    assert "secret" not in proc.stdout
+    data["handlers"]["ok"]["environment"] = {"TOKEN": {"value": "s3cr3t", "secret": True},
+                                             "PLAIN": "p"}
+    proc = cli("check-config", "--config", str(write(tmp_path, data)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith(
+        ", secret environment (redacted from logs and statusDetails): "
+        "handlers.ok.environment.TOKEN)")
+    assert "s3cr3t" not in proc.stdout
 
 
 def test_check_config_lists_every_problem_with_lines(tmp_path: Path) -> None:
@@ -173,6 +182,10 @@ def test_example_config_covers_every_setting() -> None:
     assert set(data["commands"]) == {f.name for f in dataclasses.fields(CommandsConfig)}
     seen = set().union(*(h.keys() for h in data["handlers"].values()))
     assert seen == {f.name for f in dataclasses.fields(HandlerConfig)}
+    # Both forms of an environment value: plain, and {value: ..., secret: true}.
+    values = [v for h in data["handlers"].values() for v in h.get("environment", {}).values()]
+    assert any(isinstance(v, str) for v in values)
+    assert {"value": "change-me", "secret": True} in values
 
 
 # --- the inspection commands, without an agent (the integration tests run one) -------------

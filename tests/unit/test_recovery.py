@@ -24,7 +24,7 @@ class FakeMachine(Machine):
     def boot_id(self) -> str | None:
         return self.boot
 
-    def alive(self, pid: int | None, start: int | None) -> bool:
+    def alive(self, pid: int | None, start: int | None, handler: object = None) -> bool:
         return self.is_alive and pid is not None
 
 
@@ -181,7 +181,15 @@ def test_start_time_tells_our_process_from_a_reused_pid() -> None:
 
     me = Machine.start_time(os.getpid())
     assert isinstance(me, int)
+    import sys
+
+    from agent.procfs import process_cmdline
+    from agent.recovery import Handler
+
     machine = Machine(config())
-    assert machine.alive(os.getpid(), me)
-    assert not machine.alive(os.getpid(), me + 1)  # same pid, another process
-    assert not machine.alive(None, me) and Machine.start_time(2**22 + 12345) is None
+    mine = Handler(Path("/nowhere"), (tuple((process_cmdline(os.getpid()) or [sys.executable])
+                                            [-1:]),))
+    assert machine.alive(os.getpid(), me, mine)
+    assert not machine.alive(os.getpid(), me + 1, mine)  # same pid, another process
+    assert not machine.alive(None, me, mine) and Machine.start_time(2**22 + 12345) is None
+    assert not machine.alive(os.getpid(), me, Handler(Path("/nowhere")))  # not ours to signal
