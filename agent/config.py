@@ -691,19 +691,20 @@ def load_config(path: Path | str) -> Config:
                                source=path)
 
 
-def load_checked(path: Path | str) -> Config:
-    """:func:`load_config`, then :func:`check_files`: what ``run`` and a reload accept.
+def load_checked(path: Path | str, *, state: bool = True) -> Config:
+    """:func:`load_config`, then :func:`check_files`: what ``run`` and a reload accept
+    (``state=False``: the privileged helper, whose state directories are the agent's).
 
     Raises one :class:`ConfigError` carrying every problem (``.problems``).
     """
     config = load_config(path)
-    problems = check_files(config)
+    problems = check_files(config, state=state)
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems), problems)
     return config
 
 
-def check_files(config: Config) -> list[str]:
+def check_files(config: Config, *, state: bool = True) -> list[str]:
     """Problems with the files the config names, one actionable line each (empty if fine).
 
     Checks what a running agent would trip over later: certificates and key readable, the key
@@ -757,7 +758,8 @@ def check_files(config: Config) -> list[str]:
                                   missing_ok=True):
         report(("reboot_command",), problem)
     _check_documents(config, report)
-    _check_state_dirs(config, report)
+    if state:
+        _check_state_dirs(config, report)
     return problems
 
 

@@ -407,7 +407,9 @@ def listening_socket(path: Path | None) -> socket.socket:
 
 
 async def run_helper(config_path: Path, socket_path: Path | None, agent_user: str) -> int:
-    config = load_checked(config_path)
+    # Handler programs are checked as root: one the agent's user owns is refused here, or a
+    # compromised agent could rewrite it and have the helper run it as root.
+    config = load_checked(config_path, state=False)
     helper = Helper(config, agent_user=agent_user)
     listener = listening_socket(socket_path)
     log.info("helper ready socket=%s backend=%s agent_user=%s", socket_path or "(systemd)",
