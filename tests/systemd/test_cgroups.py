@@ -24,12 +24,11 @@ from tests.systemd.conftest import (
     boot_id_unit,
     install_agent,
     install_agent_unit,
-    queue_job,
-    wait_status,
     write_agent_config,
     write_handler,
 )
 from tests.systemd.machine import Machine
+from tests.systemd.test_service import Device as ServiceDevice
 
 pytestmark = pytest.mark.systemd
 
@@ -46,18 +45,8 @@ exec sleep "${1:-0}"
 LEFTOVER = "sleep 300[0-3]"
 
 
-class Device:
-    def __init__(self, machine: Machine, thing: str, iot: Any) -> None:
-        self.machine, self.thing, self.iot = machine, thing, iot
-
-    def job(self, document: dict[str, Any]) -> str:
-        job_id = f"cg-{uuid.uuid4().hex[:10]}"
-        queue_job(self.iot, self.thing, job_id, document)
-        return job_id
-
-    def wait(self, job_id: str, statuses: set[str] | None = None,
-             timeout: float = 60.0) -> dict[str, Any]:
-        return wait_status(self.iot, self.thing, job_id, statuses, timeout)
+class Device(ServiceDevice):
+    """The tier's device (tests/systemd/test_service.py), plus what these tests look at."""
 
     def leftovers(self, timeout: float = 10.0) -> str:
         """``ps`` lines of the handlers' leftovers still alive after ``timeout`` ("": none)."""
