@@ -155,6 +155,7 @@ def choose(config: Config, *, privileged: bool = False) -> Backend:
         from agent.backends.transient import TransientUnitBackend
 
         backend = TransientUnitBackend()
+        backend.sweep()
     else:
         from agent.backends.local import LocalBackend
 

@@ -85,6 +85,15 @@ class TransientUnitBackend(Backend):
         self._units: dict[int, tuple[str, HandlerLimits | None, Path, int | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def sweep(self) -> None:
+        """Stop every handler unit a previous agent (or helper) left: one that died with
+        ``kill -9`` took its systemd-run processes along, not the units they started. Called
+        once at start, before any run of ours, as the agent's own cgroup used to do it."""
+        result = subprocess.run([self.systemctl, "stop", "--", "iot-jobs-agent-job-*.service"],
+                                capture_output=True, text=True, check=False, timeout=120)
+        if result.returncode != 0:
+            log.warning("could not stop leftover handler units: %s", result.stderr.strip())
+
     def command(self, launch: Launch) -> Launch:
         unit = unit_name(launch.job_id, launch.execution_number)
         self.run_dir.mkdir(mode=0o711, parents=True, exist_ok=True)

@@ -166,3 +166,17 @@ def test_nothing_outlives_the_agents_stop(device: Device) -> None:
         assert device.units() == []
     finally:
         device.machine.systemctl("start", UNIT)
+
+
+def test_a_killed_agent_leaves_no_handler_behind(device: Device) -> None:
+    """kill -9 of the unprivileged agent closes its connections to the helper, which stops
+    their runs; the restarted agent reports the job FAILED "interrupted"."""
+    job_id = device.job({"operation": "leaves", "args": ["60"]})
+    device.wait(job_id, {"IN_PROGRESS"})
+    device.wait_children()
+    device.machine.systemctl("kill", "--signal=KILL", "--kill-whom=main", UNIT)
+    assert device.leftovers() == ""
+    assert device.units() == []
+    execution = device.wait(job_id, timeout=90)
+    assert execution["status"] == "FAILED", execution
+    assert execution["statusDetails"]["detailsMap"]["reason"].startswith("interrupted"), execution

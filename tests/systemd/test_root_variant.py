@@ -61,3 +61,17 @@ def test_handlers_run_in_their_own_units_and_leave_nothing(device: Device) -> No
     assert device.units() == []
     journal = device.machine.journal("-u", UNIT, "-o", "cat")
     assert "execution backend=systemd" in journal, journal[-2000:]
+
+
+def test_a_killed_agent_leaves_no_handler_unit_behind(device: Device) -> None:
+    """kill -9 takes the agent's systemd-run along, not the unit it started: the next agent
+    stops it before anything else (and the job is FAILED "interrupted", never run twice)."""
+    job_id = device.job({"operation": "leaves", "args": ["60"]})
+    device.wait(job_id, {"IN_PROGRESS"})
+    device.wait_children()
+    device.machine.systemctl("kill", "--signal=KILL", "--kill-whom=main", UNIT)
+    execution = device.wait(job_id, timeout=90)
+    assert execution["status"] == "FAILED", execution
+    assert execution["statusDetails"]["detailsMap"]["reason"].startswith("interrupted"), execution
+    assert device.leftovers() == ""
+    assert device.units() == []
