@@ -4,15 +4,16 @@ From the checkout::
 
     python -m bench                 # the full run (a few minutes; the README's figures)
     python -m bench --quick         # the CI smoke run (well under a minute; checks the script)
-    python -m bench --json out.json --dir /var/tmp/bench --profile agent.prof
+    python -m bench --json out.json --dir ~/bench --profile agent.prof
 
 It starts its own sandbox (certificates, a mutual-TLS Mosquitto on a free loopback port, the
-Jobs and Commands emulator and its HTTP fronts) in a fresh directory, by default under /var/tmp
-(disk-backed on Debian, where /tmp may be a tmpfs and would make the journal's fsyncs free),
-and removes it afterwards unless ``--dir`` names one. The JSON (default ``bench-results.json``
-in the current directory) holds every figure, its baseline, the side measurements and the
-machine. Exit status: 0 when every
-section ran (whether or not its target was met), 1 when a section failed.
+Jobs and Commands emulator and its HTTP fronts) in a fresh directory, by default under
+~/.cache/iot-jobs-agent-bench: disk-backed (/tmp may be a tmpfs and would make the journal's
+fsyncs free) and private (the agent refuses handlers under a directory others can write, such
+as the sticky /var/tmp; agent.paths), and removes it afterwards unless ``--dir`` names one.
+The JSON (default ``bench-results.json`` in the current directory) holds every figure, its
+baseline, the side measurements and the machine. Exit status: 0 when every section ran
+(whether or not its target was met), 1 when a section failed.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="where to write the results (default: ./bench-results.json)")
     parser.add_argument("--dir", type=Path, default=None,
                         help="keep the run's sandbox, state and logs here (default: a temporary "
-                             "directory under /var/tmp, removed afterwards)")
+                             "directory under ~/.cache/iot-jobs-agent-bench, removed "
+                             "afterwards)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--profile", type=Path, default=None, metavar="PSTATS",
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     sizes = QUICK if args.quick else FULL
     started = time.monotonic()
-    base = Path("/var/tmp") if Path("/var/tmp").is_dir() else None
+    base = Path.home() / ".cache" / "iot-jobs-agent-bench"
+    base.mkdir(mode=0o755, parents=True, exist_ok=True)
     directory = args.dir.absolute() if args.dir else Path(tempfile.mkdtemp(
         prefix="iot-jobs-bench-", dir=base))
     directory.mkdir(parents=True, exist_ok=True)

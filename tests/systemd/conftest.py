@@ -10,7 +10,8 @@ For tests of your own (a boot takes about a second, installing the agent a few m
 
 :func:`install_agent`, :func:`install_agent_unit`, :func:`write_agent_config` and
 :func:`boot_id_unit` are the README's install steps, one function each, so a test may swap one
-(its own unit, another config) and keep the rest.
+(its own unit, another config) and keep the rest; ``test_service.py``'s ``device`` fixture is
+the whole recipe. :class:`Device` then queues jobs with boto3 and waits for their status.
 
 The tier is skipped, with the reason, where the host is not root or cannot create namespaces;
 anywhere else a failure to build the rootfs or to boot is a test error, never a skip (CI runs
@@ -25,10 +26,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ import yaml
 
 from agent.sandbox.stack import Stack
 from tests.integration.test_boto3_referee import sandbox_client
-from tests.systemd.machine import Machine, unavailable
+from tests.systemd.machine import OWNER, Machine, sweep_stale, unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("IOT_JOBS_AGENT_CI_CACHE", "/var/cache/iot-jobs-agent-ci"))
@@ -72,7 +75,9 @@ def machines_dir() -> Iterator[Path]:
     """Where machines keep their overlay layers: on the cache's filesystem (overlayfs wants
     its upper and work dirs on one filesystem; /tmp may be a small tmpfs)."""
     CACHE.mkdir(parents=True, exist_ok=True)
+    sweep_stale(CACHE)
     with tempfile.TemporaryDirectory(prefix="machines-", dir=CACHE) as directory:
+        (Path(directory) / OWNER).write_text(str(os.getpid()))
         yield Path(directory)
 
 
@@ -103,7 +108,10 @@ def agent_wheels(systemd_rootfs: Path, tmp_path_factory: pytest.TempPathFactory)
     if not deps.is_dir():
         building = Path(tempfile.mkdtemp(prefix=".wheels-", dir=CACHE))
         _pip("download", "--only-binary=:all:", "--no-deps", "-d", str(building), *pins)
-        building.rename(deps)
+        try:
+            building.rename(deps)
+        except OSError:  # another session cached the same pins meanwhile
+            shutil.rmtree(building)
     for wheel in deps.glob("*.whl"):
         (out / wheel.name).symlink_to(wheel)
     _pip("wheel", "--no-deps", "-w", str(out), str(ROOT))
@@ -246,3 +254,36 @@ def wait_status(iot: Any, thing: str, job_id: str, statuses: set[str] | None = N
         time.sleep(0.2)
     pytest.fail(f"job {job_id} is {current.get('status')} {current.get('statusDetails')} "
                 f"after {timeout:g}s, not {sorted(wanted)}")
+
+
+class Device:
+    """A machine with the agent installed, the thing it is in the sandbox, and boto3 to queue
+    its jobs: what most booted tests of the agent need."""
+
+    def __init__(self, machine: Machine, thing: str, iot: Any) -> None:
+        self.machine = machine
+        self.thing = thing
+        self.iot = iot
+
+    def job(self, document: dict[str, Any]) -> str:
+        """Queue ``document`` with boto3; the new job's id."""
+        job_id = f"job-{uuid.uuid4().hex[:10]}"
+        queue_job(self.iot, self.thing, job_id, document)
+        return job_id
+
+    def wait(self, job_id: str, statuses: set[str] | None = None,
+             timeout: float = 60.0) -> dict[str, Any]:
+        return wait_status(self.iot, self.thing, job_id, statuses, timeout)
+
+    def agent(self, *properties: str) -> dict[str, str]:
+        return self.machine.show(UNIT, *properties)
+
+    def wait_active(self, timeout: float = 30.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        state: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            state = self.agent("ActiveState", "SubState", "Result")
+            if state["ActiveState"] in ("active", "failed"):
+                break
+            time.sleep(0.1)
+        return state

@@ -46,11 +46,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["REBOOT_EXIT", "Machine", "MachineError", "unavailable"]
+__all__ = ["OWNER", "REBOOT_EXIT", "Machine", "MachineError", "sweep_stale", "unavailable"]
 
 #: systemd-nspawn's exit status when the container asked for a reboot.
 REBOOT_EXIT = 133
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: In a directory of machines: the pid of the test process that owns them (see sweep_stale).
+OWNER = "owner.pid"
 #: The environment of every command run inside: nothing from the test process leaks in.
 INSIDE_ENV = ("env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
               "HOME=/root", "LANG=C.UTF-8", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0", "TERM=dumb")
@@ -151,8 +153,8 @@ class Machine:
         self._pid1 = self._find_pid1(timeout)
         state = self.wait_until_running(timeout)
         if state not in ("running", "degraded"):
-            raise MachineError(f"{self.name}: systemd is {state!r} after {timeout:g}s; "
-                               f"console: {self.console_log}")
+            raise MachineError(f"{self.name}: systemd is {state!r} after {timeout:g}s"
+                               f"{self.console_tail()}")
 
     def _find_pid1(self, timeout: float) -> int:
         """The container's systemd: the child of the nspawn process."""
@@ -161,14 +163,23 @@ class Machine:
         while time.monotonic() < deadline:
             if self._nspawn.poll() is not None:
                 raise MachineError(f"{self.name}: systemd-nspawn exited "
-                                   f"{self._nspawn.returncode} while booting; "
-                                   f"console: {self.console_log}")
+                                   f"{self._nspawn.returncode} while booting"
+                                   f"{self.console_tail()}")
             for child in self._children(self._nspawn.pid):
                 with contextlib.suppress(OSError):
                     if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
                         return child
             time.sleep(0.05)
         raise MachineError(f"{self.name}: no systemd under nspawn after {timeout:g}s")
+
+    def console_tail(self, lines: int = 30) -> str:
+        """The end of nspawn's console (the machine's boot messages), for error messages: the
+        machine's files are gone once the test has failed and torn it down."""
+        try:
+            text = self.console_log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "\nconsole:\n" + "\n".join(text)
 
     @staticmethod
     def _children(pid: int) -> list[int]:
@@ -209,7 +220,7 @@ class Machine:
         code = self.wait_exit(timeout)
         if code != REBOOT_EXIT:
             raise MachineError(f"{self.name}: nspawn exited {code}, not {REBOOT_EXIT} "
-                               f"(a reboot); console: {self.console_log}")
+                               f"(a reboot){self.console_tail()}")
         self.start(timeout=timeout)
         return self.boot_id()
 
@@ -225,8 +236,9 @@ class Machine:
         self.run(["systemctl", "poweroff"], check=False)
         try:
             return self.wait_exit(timeout)
-        except MachineError:
-            self._nspawn.kill() if self._nspawn is not None else None
+        except MachineError:  # shutdown hung: what a power cut would do
+            assert self._nspawn is not None
+            self._nspawn.kill()
             return self.wait_exit(10)
 
     def close(self) -> None:
@@ -261,6 +273,23 @@ class Machine:
             if not group.exists() or time.monotonic() > deadline:
                 return
             time.sleep(0.1)  # processes still exiting
+
+    @classmethod
+    def remains(cls, directory: Path) -> Machine:
+        """The machine that lived in ``directory`` (left by a killed test run), to close."""
+        machine = cls(Path("/nonexistent"), directory.parent, directory.name)
+        machine._cgroups = [h / machine.name for h in _cgroup_hierarchies()
+                            if (h / machine.name).is_dir()]
+        machine._mounted = os.path.ismount(machine.root)
+        return machine
+
+    def kill_all(self) -> None:
+        """SIGKILL every process in the machine's cgroups (nspawn and everything it booted)."""
+        for group in self._cgroups:
+            for procs in group.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    for pid in procs.read_text().split():
+                        os.kill(int(pid), 9)
 
     # ------------------------------------------------------------------ inside
 
@@ -330,6 +359,23 @@ class Machine:
     def boot_id(self) -> str:
         """The machine's own boot id (nspawn's, not the host kernel's; see the reference)."""
         return self.read_file("/proc/sys/kernel/random/boot_id").strip()
+
+
+def sweep_stale(cache: Path) -> None:
+    """Tear down machines that a killed test run left in ``cache``/machines-* (their nspawn
+    still running, overlay mounted, cgroups made): those whose owner pid is gone."""
+    for directory in cache.glob("machines-*"):
+        owner = directory / OWNER
+        if not owner.exists():
+            continue  # just made by a run that has not written its pid yet (or not ours)
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(owner.read_text()), 0)
+            continue  # its test run is alive
+        for remains in directory.glob("iotci-*"):
+            machine = Machine.remains(remains)
+            machine.kill_all()
+            machine.close()
+        subprocess.run(["rm", "-rf", "--one-file-system", str(directory)], check=False)
 
 
 def _as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:

@@ -22,14 +22,15 @@ import pytest
 
 from agent.sandbox.stack import Stack
 from tests.systemd.conftest import (
+    AGENT,
     BOOT_ID_COPY,
+    CONFIG,
     UNIT,
     VENV,
+    Device,
     boot_id_unit,
     install_agent,
     install_agent_unit,
-    queue_job,
-    wait_status,
     write_agent_config,
     write_handler,
 )
@@ -47,38 +48,6 @@ WatchdogSec=4s
 """
 #: Where the hello handler leaves proof that it ran inside the machine.
 MARKS = "/var/lib/iot-ci-marks"
-
-
-class Device:
-    """The machine with the agent installed, and the thing it is in the sandbox."""
-
-    def __init__(self, machine: Machine, thing: str, iot: Any) -> None:
-        self.machine = machine
-        self.thing = thing
-        self.iot = iot
-
-    def job(self, document: dict[str, Any]) -> str:
-        """Queue ``document`` with boto3; the new job's id."""
-        job_id = f"job-{uuid.uuid4().hex[:10]}"
-        queue_job(self.iot, self.thing, job_id, document)
-        return job_id
-
-    def wait(self, job_id: str, statuses: set[str] | None = None,
-             timeout: float = 60.0) -> dict[str, Any]:
-        return wait_status(self.iot, self.thing, job_id, statuses, timeout)
-
-    def agent(self, *properties: str) -> dict[str, str]:
-        return self.machine.show(UNIT, *properties)
-
-    def wait_active(self, timeout: float = 30.0) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        state: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            state = self.agent("ActiveState", "SubState", "Result")
-            if state["ActiveState"] in ("active", "failed"):
-                break
-            time.sleep(0.1)
-        return state
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +70,8 @@ def device(machine: Machine, agent_wheels: Path, stack: Stack, iot: Any) -> Iter
          "reboot": {"command": [reboot], "timeout": "1m", "verify": [reboot]}},
         shutdown_grace="1s", kill_grace="1s", boot_id_path=BOOT_ID_COPY,
         reboot_timeout="2m", log_level="info")
+    # README step 3's connection check, before the agent holds the thing's client id.
+    machine.run([AGENT, "pending", "--config", CONFIG])
     machine.run(["systemctl", "enable", "--now", UNIT])
     yield Device(machine, thing, iot)
 
@@ -123,9 +94,17 @@ def test_systemctl_status_shows_the_status_line(device: Device) -> None:
     status = device.machine.systemctl("status", UNIT).stdout
     status_lines = [line.strip() for line in status.splitlines()
                     if line.strip().startswith("Status:")]
-    assert status_lines, status
-    assert device.agent("StatusText")["StatusText"]
-    assert status_lines[0] == f'Status: "{device.agent("StatusText")["StatusText"]}"'
+    # Nothing runs between the tests: the agent says it is idle, in both places.
+    assert status_lines == ['Status: "idle, waiting for jobs"'], status
+    assert device.agent("StatusText")["StatusText"] == "idle, waiting for jobs"
+    # README step 4's other view, as root inside: the running agent, connected to the sandbox.
+    deadline = time.monotonic() + 15
+    report = ""
+    while "Connection:  connected" not in report and time.monotonic() < deadline:
+        time.sleep(0.2)
+        report = device.machine.run([AGENT, "status", "--config", CONFIG]).stdout
+    assert report.startswith("iot-jobs-agent: running"), report
+    assert "Connection:  connected" in report, report
 
 
 def test_the_watchdog_is_fed(device: Device) -> None:
