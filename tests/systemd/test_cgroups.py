@@ -27,8 +27,8 @@ from tests.systemd.conftest import (
     write_agent_config,
     write_handler,
 )
+from tests.systemd.conftest import Device as ServiceDevice
 from tests.systemd.machine import Machine
-from tests.systemd.test_service import Device as ServiceDevice
 
 pytestmark = pytest.mark.systemd
 
@@ -46,7 +46,7 @@ LEFTOVER = "sleep 300[0-3]"
 
 
 class Device(ServiceDevice):
-    """The tier's device (tests/systemd/test_service.py), plus what these tests look at."""
+    """The tier's device (tests/systemd/conftest.py), plus what these tests look at."""
 
     def leftovers(self, timeout: float = 10.0) -> str:
         """``ps`` lines of the handlers' leftovers still alive after ``timeout`` ("": none)."""
