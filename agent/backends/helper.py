@@ -140,7 +140,10 @@ class HelperBackend(Backend):
             reply, _ = await areceive(sock)
         finally:
             sock.close()
-        if not isinstance(reply, dict) or "error" in (reply or {}):
+        if reply is None:  # the shutdown stopped the helper before it answered: under way
+            log.info("the privileged helper went away while rebooting: the reboot is under way")
+            return None
+        if not isinstance(reply, dict) or "error" in reply:
             return f"the privileged helper refused to reboot: {reply}"
         if reply.get("code") != 0:
             return (f"the reboot command failed with exit code {reply.get('code')}"

@@ -50,6 +50,9 @@ def config_path(place: Path) -> Path:
     sleeper = handlers / "sleep.sh"
     sleeper.write_text("#!/bin/sh\nexec sleep 30\n")
     sleeper.chmod(0o755)
+    reboot = handlers / "reboot.sh"
+    reboot.write_text(f"#!/bin/sh\ntouch {place}/rebooted\n")
+    reboot.chmod(0o755)
     state = place / "state"
     (state / "jobs").mkdir(parents=True, mode=0o700)
     path = place / "config.yaml"
@@ -57,6 +60,7 @@ def config_path(place: Path) -> Path:
         "thing_name": "helper-thing",
         "mqtt": {"endpoint": "localhost", "cert": str(path), "key": str(path)},
         "state_dir": str(state), "execution": "local", "kill_grace": "1s",
+        "reboot_command": [str(reboot)],
         "handlers": {"echo": {"command": [str(echo)], "environment": {"FOO": "bar"}},
                      "as-nobody": {"command": [str(echo)], "user": "nobody"},
                      "sleep": {"command": [str(sleeper)], "timeout": "30s"}}}))
@@ -256,3 +260,11 @@ def test_the_helper_refusal_reaches_the_runner_as_not_started(config_path: Path,
     result = serve(config_path, place, scenario)
     assert result.outcome == "not_started"
     assert "refused: no handler for operation" in result.reason
+
+
+def test_a_reboot_runs_the_configured_command_only(config_path: Path, place: Path) -> None:
+    async def scenario(sock_path: Path) -> str | None:
+        return await HelperBackend(sock_path).reboot()
+
+    assert serve(config_path, place, scenario) is None
+    assert (place / "rebooted").exists()
