@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent import backends
 from agent._version import __version__
 from agent.config import Config
 from agent.connection import Connection, ConnectionEvent
@@ -82,6 +83,8 @@ class Agent:
         job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")
                         or Path(self.config.state_dir) / "logs")
         self._prepare_state_dir(job_logs)
+        # Chosen once: where every handler runs, and what stops all of its processes.
+        backend = backends.choose(self.config)
         connection = Connection(self.config.mqtt, self.config.client_id)
         # Before the connection starts: Commands routes its topics to itself (no request may
         # arrive unrouted) and wants its subscriptions made with the first connect.
@@ -140,6 +143,7 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await backend.close()  # whatever a handler left: nothing outlives the agent's stop
         await connection.stop()
         await monitor.close()
         await journal.close()

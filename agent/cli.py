@@ -118,6 +118,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_helper(args: argparse.Namespace) -> int:
+    from agent.helper import run_helper
+
+    configure_logging("INFO")
+    return asyncio.run(run_helper(args.config, args.socket, args.agent_user))
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
@@ -387,6 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long to wait for the verdict (default 30)")
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("helper", help="the privileged helper (root): starts configured "
+                                      "handlers for the unprivileged agent (systemd starts it "
+                                      "from iot-jobs-agent-helper.socket)")
+    with_config(p)
+    p.add_argument("--socket", type=Path, default=None, metavar="PATH",
+                   help="listen here instead of on the socket systemd passes")
+    p.add_argument("--agent-user", default="iot-jobs-agent", metavar="USER",
+                   help="the agent's user, allowed to connect besides root")
+    p.set_defaults(func=cmd_helper)
 
     # Not `from agent.sandbox.demo import DEFAULT_SANDBOX_DIR` for the default: that imports the
     # whole sandbox (broker, emulator, HTTP fronts) into every agent process, 2.8 MB of resident

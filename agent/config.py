@@ -38,6 +38,7 @@ __all__ = [
     "CommandsConfig",
     "Config",
     "HandlerConfig",
+    "HandlerLimits",
     "MqttConfig",
     "RunCommandConfig",
     "check_files",
@@ -199,6 +200,12 @@ def _log_format(value: object) -> str:
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def _execution(value: object) -> str:
+    if value not in ("auto", "systemd", "local", "helper"):
+        raise ValueError(f"expected auto, helper, systemd or local, got {value!r}")
+    return str(value)
+
+
 def _programs(value: object) -> tuple[str, ...]:
     """run_command.allow: program names (looked up on PATH), absolute paths, or "*"."""
     if not isinstance(value, list) or not all(isinstance(a, str) and a for a in value):
@@ -235,6 +242,91 @@ def _facts(value: object) -> dict[str, str]:
     return out
 
 
+_SIZE = re.compile(r"(\d+)([KMGT]?)", re.IGNORECASE)
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
+_PROTECT_SYSTEM = ("no", "yes", "full", "strict")
+
+
+def _size(value: object) -> str:
+    """memory_max: bytes, with K/M/G/T (1024-based, as systemd reads them), or a % of RAM."""
+    text = str(value).strip() if isinstance(value, str | int) and not isinstance(value, bool) \
+        else ""
+    if (size := _SIZE.fullmatch(text)) and int(size.group(1)) > 0:
+        return text.upper()
+    if (m := _PERCENT.fullmatch(text)) and 0 < float(m.group(1)) <= 100:
+        return text
+    raise ValueError(f"expected a size such as 256M, 1G or 50% (of the RAM), got {value!r}")
+
+
+def _cpu_quota(value: object) -> str:
+    """cpu_quota: CPU time per wall-clock time, 100% being one whole CPU (200%: two)."""
+    m = _PERCENT.fullmatch(value.strip()) if isinstance(value, str) else None
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"expected a percentage such as 50% (half a CPU) or 200% (two), got "
+                         f"{value!r}")
+    return value.strip()
+
+
+def _protect_system(value: object) -> str:
+    """protect_system: systemd's ProtectSystem= (YAML reads a bare yes/no as a boolean)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value not in _PROTECT_SYSTEM:
+        raise ValueError(f"expected one of {', '.join(_PROTECT_SYSTEM)}, got {value!r}")
+    return str(value)
+
+
+def _absolute_paths(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, str) and d for d in value):
+        raise ValueError("expected a list of absolute paths")
+    for item in value:
+        if not item.startswith("/") or any(c in item for c in "\0\n\"' "):
+            raise ValueError(f"{item!r}: expected an absolute path without spaces or quotes")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class HandlerLimits:
+    """What a handler's transient unit gets (systemd backend), as systemd property strings.
+
+    Outside systemd (the local backend) none of these can be enforced; ``check-config`` and the
+    agent's start say so rather than pretending.
+    """
+
+    memory_max: str | None = None
+    cpu_quota: str | None = None
+    tasks_max: int | None = None
+    protect_system: str | None = None
+    read_write_paths: tuple[str, ...] = ()
+    private_network: bool = False
+    private_tmp: bool = False
+
+    @property
+    def sandboxed(self) -> bool:
+        """Settings only a service unit applies (a scope has no mount or network namespace)."""
+        return bool(self.protect_system not in (None, "no") or self.read_write_paths
+                    or self.private_network or self.private_tmp)
+
+    def properties(self) -> list[str]:
+        """``Name=value`` unit properties, for ``systemd-run -p``."""
+        props = []
+        if self.memory_max:
+            props.append(f"MemoryMax={self.memory_max}")
+        if self.cpu_quota:
+            props.append(f"CPUQuota={self.cpu_quota}")
+        if self.tasks_max:
+            props.append(f"TasksMax={self.tasks_max}")
+        if self.protect_system:
+            props.append(f"ProtectSystem={self.protect_system}")
+        if self.read_write_paths:
+            props.append("ReadWritePaths=" + " ".join(self.read_write_paths))
+        if self.private_network:
+            props.append("PrivateNetwork=yes")
+        if self.private_tmp:
+            props.append("PrivateTmp=yes")
+        return props
+
+
 @dataclass(frozen=True)
 class HandlerConfig:
     """One program the agent may run; a job's ``operation`` names it."""
@@ -255,10 +347,35 @@ class HandlerConfig:
     verify: tuple[str, ...] | None = _setting(
         "after a reboot the handler asked for, run this to decide SUCCEEDED/FAILED",
         default=None, parse=_command)
+    # Enforced under systemd only (each run is a transient unit); see HandlerLimits.
+    memory_max: str | None = _setting(
+        "MemoryMax= of the run's unit (256M, 1G, 50%); past it the kernel's OOM killer ends the "
+        "run and the job FAILS 'killed by the OOM killer'", default=None, parse=_size)
+    cpu_quota: str | None = _setting("CPUQuota= of the run's unit (50%: half a CPU)",
+                                     default=None, parse=_cpu_quota)
+    tasks_max: int | None = _setting("TasksMax=: processes and threads the run may have at once",
+                                     default=None, parse=_positive_int)
+    protect_system: str | None = _setting(
+        "ProtectSystem= of the run's unit: yes (/usr, /boot read-only), full (and /etc), strict "
+        "(the whole tree but read_write_paths)", default=None, parse=_protect_system)
+    read_write_paths: tuple[str, ...] = _setting(
+        "ReadWritePaths=: what stays writable under protect_system", default=(),
+        parse=_absolute_paths)
+    private_network: bool = _setting("PrivateNetwork=: the run sees only a loopback device",
+                                     default=False)
+    private_tmp: bool = _setting("PrivateTmp=: the run gets its own /tmp and /var/tmp",
+                                 default=False)
 
     @property
     def program(self) -> Path:
         return Path(self.command[0])
+
+    @property
+    def limits(self) -> HandlerLimits | None:
+        limits = HandlerLimits(self.memory_max, self.cpu_quota, self.tasks_max,
+                               self.protect_system, self.read_write_paths,
+                               self.private_network, self.private_tmp)
+        return None if limits == HandlerLimits() else limits
 
 
 _COMMAND_FORMATS = ("json", "cbor", "generic")
@@ -360,6 +477,14 @@ class Config:
     log_level: str = _setting("debug, info, warning or error", default="INFO", parse=_log_level)
     log_format: str = _setting("text (journald-aware) or json (one object per line)",
                                default="text", parse=_log_format)
+    execution: str = _setting(
+        "where handlers run: auto (through the privileged helper when the agent is not root "
+        "and the helper's socket exists; a transient systemd unit per run when the agent is a "
+        "systemd service as root; else local), helper, systemd, or local (the agent is a child "
+        "subreaper and kills what a job leaves)", default="auto", parse=_execution)
+    helper_socket: Path = _setting(
+        "the privileged helper's socket (iot-jobs-agent-helper.socket)",
+        default=Path("/run/iot-jobs-agent-helper.sock"))
     metrics_file: Path | None = _setting(
         "node exporter textfile (e.g. /var/lib/prometheus/node-exporter/iot-jobs-agent.prom), "
         "rewritten atomically when a figure changes; unset: no metrics", default=None)
@@ -566,19 +691,20 @@ def load_config(path: Path | str) -> Config:
                                source=path)
 
 
-def load_checked(path: Path | str) -> Config:
-    """:func:`load_config`, then :func:`check_files`: what ``run`` and a reload accept.
+def load_checked(path: Path | str, *, state: bool = True) -> Config:
+    """:func:`load_config`, then :func:`check_files`: what ``run`` and a reload accept
+    (``state=False``: the privileged helper, whose state directories are the agent's).
 
     Raises one :class:`ConfigError` carrying every problem (``.problems``).
     """
     config = load_config(path)
-    problems = check_files(config)
+    problems = check_files(config, state=state)
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems), problems)
     return config
 
 
-def check_files(config: Config) -> list[str]:
+def check_files(config: Config, *, state: bool = True) -> list[str]:
     """Problems with the files the config names, one actionable line each (empty if fine).
 
     Checks what a running agent would trip over later: certificates and key readable, the key
@@ -618,15 +744,30 @@ def check_files(config: Config) -> list[str]:
                 report(("handlers", name, "user"), f"no such user {handler.user!r}: create it "
                                                    "or remove the setting")
             else:
-                if os.geteuid() != 0 and pwd.getpwnam(handler.user).pw_uid != os.geteuid():
+                if not _may_switch_users(config) and \
+                        pwd.getpwnam(handler.user).pw_uid != os.geteuid():
                     report(("handlers", name, "user"),
-                           f"running handlers as {handler.user!r} needs the agent to run as root")
+                           f"running handlers as {handler.user!r} needs the agent to run as root "
+                           "or the privileged helper (iot-jobs-agent-helper.socket)")
+        if handler.limits is not None and config.execution == "local":
+            first = handler.limits.properties()[0].split("=")[0]
+            report(("handlers", name), f"{first}= and the other unit limits need the systemd "
+                                       "backend: set execution: auto (or systemd) and run the "
+                                       "agent as a systemd service, or remove them")
     if problem := program_problem(Path(config.reboot_command[0]), "reboot_command program",
                                   missing_ok=True):
         report(("reboot_command",), problem)
     _check_documents(config, report)
-    _check_state_dirs(config, report)
+    if state:
+        _check_state_dirs(config, report)
     return problems
+
+
+def _may_switch_users(config: Config) -> bool:
+    """Root does; an unprivileged agent does through the privileged helper (which checks the
+    same config as root)."""
+    return os.geteuid() == 0 or config.execution == "helper" or (
+        config.execution == "auto" and config.helper_socket.exists())
 
 
 def _check_state_dirs(config: Config,
@@ -675,8 +816,9 @@ def _check_documents(config: Config,
         except KeyError:
             report(where, f"no such user {user!r}: create it or remove it from the list")
             continue
-        if os.geteuid() != 0 and entry.pw_uid != os.geteuid():
-            report(where, f"running commands as {user!r} needs the agent to run as root")
+        if not _may_switch_users(config) and entry.pw_uid != os.geteuid():
+            report(where, f"running commands as {user!r} needs the agent to run as root or the "
+                          "privileged helper (iot-jobs-agent-helper.socket)")
 
 
 def _stat_readable(file: Path, report: Callable[[str], None]) -> os.stat_result | None:

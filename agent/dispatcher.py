@@ -35,7 +35,7 @@ from typing import Any
 
 from agent import claims
 from agent.claims import InProgress, Queued, Trouble
-from agent.config import Config
+from agent.config import Config, HandlerLimits
 from agent.documents import DocumentError, Plan, Verdict, plan_document, plan_job
 from agent.errors import (
     AgentError,
@@ -438,10 +438,16 @@ class Dispatcher:
             job_id=job_id, execution_number=number, thing_name=self.thing, argv=list(argv),
             document=job.plan.document, work_dir=self._work_dir(stem),
             log_path=self._log_path(stem), timeout=step.timeout,
-            kill_grace=self.config.kill_grace, user=step.user,
+            kill_grace=self.config.kill_grace, user=step.user, limits=self._limits(step.handler),
+            step=job.step, phase=job.phase,
             environment={**step.environment, "JOB_PHASE": job.phase,
                          "JOB_STEP": step_label(job.plan, job.step), "JOB_STEP_NAME": step.name,
                          "IOT_JOBS_AGENT_SERVICE": self.machine.own_service()})
+
+    def _limits(self, handler: str | None) -> HandlerLimits | None:
+        """A YAML handler's unit limits (steps without a YAML handler have none)."""
+        settings = self.config.handlers.get(handler) if handler is not None else None
+        return settings.limits if settings is not None else None
 
     async def _run(self, job: RunningJob) -> None:
         reporter = job.reporter

@@ -216,6 +216,15 @@ class Machine:
     async def reboot(self) -> str | None:
         """Run the reboot command; return why it failed, or None if it ran but we are still
         here after ``reboot_timeout`` (the caller reports that)."""
+        from agent import backends
+
+        backend = backends.current()
+        if hasattr(backend, "reboot"):  # the unprivileged agent: the helper reboots
+            log.warning("rebooting the device through the privileged helper")
+            failed = await backend.reboot()
+            if failed is None:
+                await asyncio.sleep(self.config.reboot_timeout)
+            return failed
         command = list(self.config.reboot_command)
         log.warning("rebooting the device command=%s", " ".join(command))
         try:

@@ -2,8 +2,10 @@
 
 A handler may flood its output, ignore SIGTERM, leave grandchildren behind or never read stdin;
 none of that may hang the agent, grow its memory or expose the agent's environment and files.
-Hence: no shell and a clean environment; a session (so a process group) of its own, so that
-stopping it reaches everything it started; output consumed by protocol callbacks as it arrives
+Hence: no shell and a clean environment; a session (so a process group) of its own, and an
+execution backend (:mod:`agent.backends`) that finds every process the handler started, setsid
+and double fork included, so that stopping it reaches all of them and none outlives the run;
+output consumed by protocol callbacks as it arrives
 on both pipes, keeping only a 4 KiB head and tail in memory; and the exit status taken from the
 child watcher, because Python 3.11's ``Process.wait()`` also waits for the pipes to close, which
 a grandchild can delay forever. Nothing raises for a handler's misbehaviour or a failure to
@@ -34,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from agent.config import SAFE_PATH
+from agent import backends
+from agent.backends import Backend, Launch, Run
+from agent.config import SAFE_PATH, HandlerLimits
 from agent.errors import AgentError
 from agent.hygiene import Neutraliser, Redactor, neutralise, secrets_of
 
@@ -89,6 +93,12 @@ class RunRequest:
     user: str | None = None
     environment: dict[str, str] = field(default_factory=dict)
     max_log_bytes: int = 10 * 1024 * 1024  # of handler output per run; the rest is only counted
+    limits: HandlerLimits | None = None  # cgroup and sandbox settings (systemd backend)
+    # What the privileged helper is asked to run (it plans the document itself): the kind of
+    # execution, and the step of its plan and the phase (run, or verify after a reboot).
+    kind: Literal["job", "command"] = "job"
+    step: int = 0
+    phase: str = "run"
 
 
 @dataclass(frozen=True)
@@ -240,7 +250,44 @@ class _HandlerProtocol(asyncio.SubprocessProtocol):
 
     def process_exited(self) -> None:
         self.process._ended = time.monotonic()
+        if self.process._run is not None:
+            self.process._backend.exited(self.process._run)
         self.process._exited.set()
+
+
+class _RemotePipe(asyncio.Protocol):
+    """stdout or stderr of a handler the helper started, fed to the runner like a child's."""
+
+    def __init__(self, process: HandlerProcess, fd: int) -> None:
+        self.process, self.fd = process, fd
+
+    def data_received(self, data: bytes) -> None:
+        self.process._output.feed(data)
+        self.process._streams[self.fd - 1].feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.process._pipe_closed()
+
+
+class _RemoteTransport:
+    """What the runner asks of its subprocess transport, for a handler the helper started."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+        self.pipes: list[asyncio.BaseTransport] = []
+        self.waiter: asyncio.Future[None] | None = None
+
+    def get_pid(self) -> int:
+        return self.pid
+
+    def get_returncode(self) -> int | None:
+        return self.returncode
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.close()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.cancel()
 
 
 def _identity(user: str | None) -> tuple[str | None, dict[str, Any]]:
@@ -284,6 +331,17 @@ def _home(home: str | None, user: dict[str, Any], work_dir: Path) -> str:
     return str(work_dir)
 
 
+def handler_environment(req: RunRequest, home: str | None,
+                        user: dict[str, Any]) -> dict[str, str]:
+    """The whole environment of a handler: configured variables may replace PATH/LANG/HOME,
+    never JOB_* (the privileged helper builds it with this too, never taking the agent's)."""
+    return {"PATH": SAFE_PATH, "LANG": "C.UTF-8",
+            "HOME": _home(home, user, req.work_dir),
+            **req.environment, "JOB_ID": req.job_id, "THING_NAME": req.thing_name,
+            "EXECUTION_NUMBER": str(req.execution_number), "JOB_WORK_DIR": str(req.work_dir),
+            "JOB_DOCUMENT": str(req.work_dir / DOCUMENT_FILE), "JOB_PROGRESS_FD": str(PROGRESS_FD)}
+
+
 def _parse_progress(line: bytes) -> dict[str, str] | None:
     try:
         value = json.loads(line)
@@ -313,9 +371,11 @@ class HandlerProcess:
     the handler supervised. A cancelled supervisor (the loop is closing) SIGKILLs the group.
     """
 
-    def __init__(self, request: RunRequest,
-                 on_progress: ProgressCallback | None = None) -> None:
+    def __init__(self, request: RunRequest, on_progress: ProgressCallback | None = None, *,
+                 backend: Backend | None = None) -> None:
         self.request = request
+        self._backend = backend or backends.current()
+        self._run: Run | None = None
         self._on_progress = on_progress
         self._pid: int | None = None
         self._result: RunResult | None = None
@@ -387,13 +447,15 @@ class HandlerProcess:
                         f"{shlex.join(req.argv)}")
         if not req.argv:
             raise AgentError("no handler command configured")
-        home, user = _identity(req.user)
+        if getattr(self._backend, "remote", False):  # the helper switches users, not us
+            home, user = None, {}
+        else:
+            home, user = _identity(req.user)
         owner = (user["user"], user["group"]) if user else None
         try:
             document = (json.dumps(req.document, ensure_ascii=False) + "\n").encode()
         except (TypeError, ValueError) as exc:
             raise AgentError(f"job document is not JSON: {exc}") from None
-        path = req.work_dir / DOCUMENT_FILE
         try:
             req.work_dir.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
@@ -418,18 +480,73 @@ class HandlerProcess:
             where = req.work_dir / exc.filename if exc.filename == DOCUMENT_FILE else \
                 exc.filename or req.work_dir
             raise AgentError(f"cannot prepare work dir: {where}: {exc.strerror or exc}") from None
-        # The whole environment: configured variables may replace PATH/LANG/HOME, never JOB_*.
-        env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": _home(home, user, req.work_dir),
-               **req.environment, "JOB_ID": req.job_id, "THING_NAME": req.thing_name,
-               "EXECUTION_NUMBER": str(req.execution_number), "JOB_WORK_DIR": str(req.work_dir),
-               "JOB_DOCUMENT": str(path), "JOB_PROGRESS_FD": str(PROGRESS_FD)}
-        return env, user, document
+        return handler_environment(req, home, user), user, document
+
+    async def _spawn_remote(self, document: bytes) -> None:
+        """The privileged helper spawns it: it gets our pipe ends instead of a fork."""
+        req, loop = self.request, asyncio.get_running_loop()
+        pipes = [os.pipe() for _ in range(4)]  # stdin, stdout, stderr, progress
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
+        ours = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]]
+        try:
+            run, fifo = await self._backend.launch(  # type: ignore[attr-defined]
+                {"kind": req.kind, "job_id": req.job_id,
+                 "execution_number": req.execution_number, "document": req.document,
+                 "step": req.step, "phase": req.phase}, theirs)
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        if fifo is not None:
+            os.close(ours[3])
+            ours[3] = fifo
+        self._run, self._pid = run, run.pid
+        remote = _RemoteTransport(run.pid)
+        self._transport = remote  # type: ignore[assignment]
+        for fd in (1, 2):
+            transport, _ = await loop.connect_read_pipe(
+                lambda fd=fd: _RemotePipe(self, fd), os.fdopen(ours[fd], "rb", buffering=0))
+            remote.pipes.append(transport)
+        self._progress, _ = await loop.connect_read_pipe(
+            lambda: _ProgressReader(self._report_progress, self._pipe_closed),
+            os.fdopen(ours[3], "rb", buffering=0))
+        stdin, _ = await loop.connect_write_pipe(asyncio.Protocol,
+                                                 os.fdopen(ours[0], "wb", buffering=0))
+        stdin.write(document)  # buffered by the transport, whether the handler reads or not
+        stdin.close()
+        remote.pipes.append(stdin)
+
+        async def exited() -> None:
+            remote.returncode = await self._backend.wait(run)  # type: ignore[attr-defined]
+            self._ended = time.monotonic()
+            self._exited.set()
+
+        remote.waiter = asyncio.ensure_future(exited())
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"handler:{req.job_id}")
 
     async def _spawn(self, env: dict[str, str], user: dict[str, Any], document: bytes) -> None:
+        if getattr(self._backend, "remote", False):
+            await self._spawn_remote(document)
+            return
         req, loop, program = self.request, asyncio.get_running_loop(), self.request.argv[0]
         # Popen searches PATH for a bare name; "./name" is what execve itself would run.
         executable = program if "/" in program else os.path.join(os.curdir, program)
-        read_end, write_end = os.pipe()
+        try:
+            launch = self._backend.command(Launch(
+                req.job_id, req.execution_number, list(req.argv), env, req.work_dir, req.user,
+                user, req.limits))
+        except OSError as exc:
+            raise AgentError(f"cannot prepare the {self._backend.name} run: {exc}") from None
+        argv, env, user = launch.argv, launch.env, launch.popen_user
+        if argv[0] != program:  # wrapped (systemd-run): it finds the handler itself
+            program, executable = argv[0], argv[0]
+        if launch.progress_fd is not None:  # the backend's own progress channel
+            read_end, write_end = launch.progress_fd, os.open(os.devnull, os.O_WRONLY)
+        else:
+            read_end, write_end = os.pipe()
         # pass_fds keeps fd numbers and os.pipe() picks ours, so the pipe must be moved to fd 3:
         # here, onto the parked fd 3 (see _park_progress_fd), which keeps vfork possible; or, if
         # fd 3 was not ours to park, by a dup2 in the child. preexec_fn is unsafe with threads
@@ -444,12 +561,13 @@ class HandlerProcess:
             move = functools.partial(os.dup2, write_end, PROGRESS_FD)
         try:
             self._transport, _ = await loop.subprocess_exec(
-                lambda: _HandlerProtocol(self), program, *req.argv[1:], executable=executable,
+                lambda: _HandlerProtocol(self), program, *argv[1:], executable=executable,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=req.work_dir, env=env, close_fds=True,
                 pass_fds=(PROGRESS_FD,), preexec_fn=move, start_new_session=True, **user)
         except BaseException as exc:
             os.close(read_end)
+            self._backend.abandoned(launch)
             if not isinstance(exc, OSError | ValueError | subprocess.SubprocessError):
                 raise
             where = getattr(exc, "filename", None)  # Popen names the executable or the cwd
@@ -462,6 +580,7 @@ class HandlerProcess:
                 assert _PARKED is not None
                 os.dup2(_PARKED, PROGRESS_FD, inheritable=False)  # our copy of the pipe goes
         self._pid = self._transport.get_pid()
+        self._run = self._backend.started(launch, self._pid)
         self._progress, _ = await loop.connect_read_pipe(
             lambda: _ProgressReader(self._report_progress, self._pipe_closed),
             os.fdopen(read_end, "rb", buffering=0))
@@ -533,16 +652,21 @@ class HandlerProcess:
                 log.warning("handler exited, its output is still held open: killing its group "
                             "job_id=%s pid=%s", req.job_id, self._pid)
                 self._signal(signal.SIGKILL)
-                await _any_of(1.0, self._pipes_closed)  # a process that left the group may stay
+                await _any_of(1.0, self._pipes_closed)
+            # Nothing the handler started outlives the run (background children, setsid).
+            assert self._run is not None
+            ending = await self._backend.finished(self._run, req.kill_grace)
         except asyncio.CancelledError:
             self._signal(signal.SIGKILL)
             self._close()
             raise
         assert self._transport is not None
-        code = self._transport.get_returncode()
+        code = self._transport.get_returncode() if ending is None else ending.code
         assert code is not None
         outcome, reason = self._stop_reason or ("failed" if code else "succeeded",
                                                 _describe_exit(code))
+        if ending is not None and ending.reason and outcome != "canceled":
+            outcome, reason = "failed", ending.reason
         head, tail = self._output.texts()
         return self._conclude(RunResult(
             outcome, reason, exit_code=code if code >= 0 else None,
@@ -563,7 +687,10 @@ class HandlerProcess:
         await self._exited.wait()
 
     def _signal(self, sig: int) -> None:
-        if self._pid is not None:
+        """To every process of the run, as its backend knows them."""
+        if self._run is not None:
+            self._backend.signal(self._run, sig)
+        elif self._pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self._pid, sig)
 

@@ -201,6 +201,7 @@ class CommandExecutor:
             work_dir=job_work_dir(self.config.state_dir, execution_id, command=True),
             log_path=self.job_logs / f"command-{execution_id}.log", timeout=timeout,
             kill_grace=self.config.kill_grace, user=handler.user,
+            limits=handler.limits, kind="command",
             environment={**handler.environment, "JOB_PHASE": "run",
                          "COMMAND_EXECUTION_ID": execution_id})
 

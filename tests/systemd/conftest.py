@@ -137,11 +137,28 @@ def install_agent(machine: Machine, wheels: Path) -> None:
                 timeout=180)
 
 
-def install_agent_unit(machine: Machine, *, dropin: str | None = None) -> None:
-    """README step 2: the shipped unit with ExecStart/ExecReload pointed at the venv (the sed
-    the README gives), plus an optional test drop-in."""
-    text = (ROOT / "systemd" / UNIT).read_text()
+AGENT_USER = "iot-jobs-agent"
+HELPER_SOCKET = "iot-jobs-agent-helper.socket"
+HELPER_UNIT = "iot-jobs-agent-helper.service"
+
+
+def install_agent_unit(machine: Machine, *, dropin: str | None = None,
+                       root: bool = False) -> None:
+    """README step 2: the agent's system user, the shipped units with ExecStart/ExecReload
+    pointed at the venv (the sed the README gives), the helper's socket enabled, plus an
+    optional test drop-in. ``root``: the single all-root variant instead (installed under the
+    agent's unit name, as the README says; no user, no helper)."""
+    source = "iot-jobs-agent-root.service" if root else UNIT
+    text = (ROOT / "systemd" / source).read_text()
     machine.install_unit(UNIT, text.replace("/usr/local/bin/iot-jobs-agent", AGENT))
+    if not root:
+        if machine.run(["id", "-u", AGENT_USER], check=False).returncode != 0:
+            machine.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                         "/var/lib/iot-jobs-agent", "--shell", "/usr/sbin/nologin", AGENT_USER])
+        for name in (HELPER_SOCKET, HELPER_UNIT):
+            text = (ROOT / "systemd" / name).read_text()
+            machine.install_unit(name, text.replace("/usr/local/bin/iot-jobs-agent", AGENT))
+        machine.run(["systemctl", "enable", "--now", HELPER_SOCKET])
     if dropin is not None:
         machine.install_unit(UNIT, dropin, dropin="tests")
 
@@ -186,6 +203,13 @@ def write_agent_config(machine: Machine, stack: Stack, thing: str,
     config.update(settings)
     machine.run(["install", "-d", "-m", "0750", "/etc/iot-jobs-agent", CERTS])
     machine.write_file(CONFIG, yaml.safe_dump(config, sort_keys=False), mode=0o640)
+    # With the agent's own user (README): it reads the config through its group and owns its
+    # key; root (the helper) reads them anyway.
+    if machine.run(["id", "-u", AGENT_USER], check=False).returncode == 0:
+        machine.run(["chgrp", AGENT_USER, "/etc/iot-jobs-agent", CERTS, CONFIG])
+        machine.run(["chown", f"{AGENT_USER}:{AGENT_USER}", f"{CERTS}/private.pem.key"])
+        machine.run(["runuser", "-u", AGENT_USER, "--", AGENT, "check-config", "--config",
+                     CONFIG])
     machine.run([AGENT, "check-config", "--config", CONFIG])
     return config
 
