@@ -213,7 +213,9 @@ class Agent:
             self.notifier.status("TLS handshake refused; check the certificate (see log)")
 
     async def _pump_events(self, jobs: JobsClient, dispatcher: Dispatcher) -> None:
-        """Notifications (and re-established streams) are a doorbell for a sync.
+        """Notifications go to the dispatcher, which claims from notify-next and syncs when a
+        notify says something new; a (re-)established stream or an unreadable notification
+        asks for a sync.
 
         A stream the broker refused (the policy lacks iot:Subscribe on it, logged once as an
         error) leaves no doorbell: until it is granted, the agent polls every
@@ -223,7 +225,9 @@ class Agent:
         poller: asyncio.Task[None] | None = None
         try:
             async for event in jobs.events():
-                if event.kind in ("notify", "notify-next", "subscribed"):
+                if event.kind in ("notify", "notify-next"):
+                    dispatcher.notified(event.kind, event.body)
+                elif event.kind in ("subscribed", "malformed"):
                     dispatcher.wake(event.kind)
                 if event.kind == "subscription-halted":
                     halted.add(event.body["stream"])

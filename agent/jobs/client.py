@@ -75,9 +75,10 @@ class JobsEvent:
     "timestamp"}``), ``notify-next`` (body ``{"execution": {...}, "timestamp"}``, no
     ``execution`` when nothing is pending), or ``subscribed`` / ``subscription-lost`` /
     ``subscription-halted`` for a stream's subscription state (body ``{"stream": kind}``), so a
-    consumer can re-synchronise after a gap. ``subscription-halted``: the broker refused the
-    stream (logged once as an error naming the policy action); it is tried again at the next
-    connect.
+    consumer can re-synchronise after a gap, or ``malformed`` (body ``{"stream": kind}``) for a
+    notification that could not be read (logged as a warning). ``subscription-halted``: the
+    broker refused the stream (logged once as an error naming the policy action); it is tried
+    again at the next connect.
     """
 
     kind: str
@@ -368,6 +369,10 @@ class JobsClient:
             reason = exc.message if isinstance(exc, InvalidResponseError) else "not valid JSON"
             log.warning("ignoring malformed %s message bytes=%d reason=%s", kind, len(raw),
                         reason)
+            # What it meant is unknown, so the pending list is asked instead: a job whose
+            # notify-next cannot be read (its document too deep for the parser) still runs
+            # or is REJECTED by the sync, not only at the safety poll.
+            self._put(JobsEvent("malformed", {"stream": kind}))
             return
         self._put(JobsEvent(kind, body))
 

@@ -50,6 +50,7 @@ class ServiceJobs:
         self.service = service
         self.rules: list[tuple[Callable[[str, dict[str, Any]], bool], Exception]] = []
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.published: list[Any] = []  # the notifications the service sent, in order
 
     def fail(self, operation: str, error: Exception, **match: Any) -> None:
         """Every ``operation`` request whose arguments include ``match`` raises ``error``."""
@@ -67,6 +68,8 @@ class ServiceJobs:
             raise error_from_rejection(rejection.code, rejection.message,
                                        execution_state=rejection.execution_state) from None
         payload = result[0] if isinstance(result, tuple) else result
+        if isinstance(result, tuple):
+            self.published.extend(result[1])
         # As the MQTT front sends it: the service keeps documents as Document text.
         return json.loads(dumps(payload))
 
@@ -115,6 +118,8 @@ class GatedJournal(Journal):
 
 
 class World:
+    journal_class: type[GatedJournal] = GatedJournal
+
     def __init__(self, tmp: Path, **settings: Any) -> None:
         self.clock = Clock()
         # Deletions complete at the next tick (see delete), not DELETION_SECONDS later.
@@ -130,8 +135,8 @@ class World:
                                                                key=Path("k")),
                              handlers={"ok": HandlerConfig(command=(str(handler),))},
                              state_dir=tmp / "state", **settings)
-        self.journal = GatedJournal(tmp / "state" / "journal.db", thing_name=THING,
-                                    endpoint="e")
+        self.journal = self.journal_class(tmp / "state" / "journal.db", thing_name=THING,
+                                          endpoint="e")
         self.dispatcher: Dispatcher | None = None
 
     async def __aenter__(self) -> World:
@@ -148,8 +153,24 @@ class World:
         return self.dispatcher
 
     def create(self, job_id: str, document: dict[str, Any] | None = None) -> None:
-        self.service.create_job(job_id, [THING], document or DOC)
+        self.jobs.published.extend(self.service.create_job(job_id, [THING], document or DOC))
         self.clock.now += 1
+
+    def operations(self) -> list[str]:
+        return [op for op, _ in self.jobs.calls]
+
+    async def notify(self, *, only: str | None = None) -> None:
+        """Hand the notifications sent so far (of kind ``only``, or all) to the dispatcher, as
+        the MQTT front and the Jobs client would, and let it act on them once."""
+        for publish in self.jobs.published:
+            kind = publish.topic.rsplit("/", 1)[1]
+            if only not in (None, kind):
+                continue
+            body = json.loads(dumps(publish.payload))
+            self.d.notified(kind, shapes.notify_event(body) if kind == "notify"
+                            else shapes.notify_next_event(body))
+        self.jobs.published.clear()
+        await self.d.step()
 
     def delete(self, job_id: str) -> None:
         """Delete the job and let the deletion complete, so its id may be used again."""
@@ -166,6 +187,13 @@ class World:
                 return
             await asyncio.sleep(0.01)
         raise AssertionError(f"still running {list(self.d.running)}")
+
+    def gated_handler(self, name: str, gate: Path) -> None:
+        """Handler ``name`` runs until the file ``gate`` exists."""
+        path = self.runs.parent / f"{name}.sh"
+        path.write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.02; done\n")
+        path.chmod(0o755)
+        self.config.handlers[name] = HandlerConfig(command=(str(path),))
 
     def ran(self) -> list[str]:
         return self.runs.read_text().split() if self.runs.exists() else []
@@ -209,10 +237,7 @@ def test_cloud_end_while_the_handler_runs_still_stops_it(tmp_path: Path,
 
     async def body() -> None:
         async with World(tmp_path) as w:
-            slow = tmp_path / "slow.sh"
-            slow.write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.02; done\n")
-            slow.chmod(0o755)
-            w.config.handlers["slow"] = HandlerConfig(command=(str(slow),))
+            w.gated_handler("slow", gate)
             w.create("j1", {"operation": "slow"})
             await w.d.sync()
             for _ in range(200):
@@ -466,3 +491,146 @@ def test_queued_job_left_unclaimed_is_never_silent(tmp_path: Path,
     lines = [r for r in caplog.records if "not claimed: this device already claimed" in
              r.message]
     assert len(lines) == 1 and lines[0].levelname == "WARNING"
+
+
+# ---------------------------------------------------------------------- issue 12, item 2
+
+async def _started(w: World) -> None:
+    """Recovered and synced once, as after start-up; the calls so far forgotten."""
+    w.d.wake("start")
+    await w.d.step()
+    w.jobs.calls.clear()
+
+
+def test_notify_next_is_claimed_straight_from_the_message(tmp_path: Path) -> None:
+    """No get and no describe: the claim is the first request, the final update the second,
+    and the notifications the job's end causes ask for nothing."""
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            await _started(w)
+            w.create("j1")
+            await w.notify()  # notify (the head alone) and notify-next (claimed from it)
+            await w.idle()
+            await w.notify()  # its end: notify (empty) and notify-next (nothing pending)
+            assert w.operations() == ["update", "update"]
+            claim = w.jobs.updates("j1")[0]
+            assert claim["status"] == "IN_PROGRESS" and claim["expectedVersion"] == 1
+            assert not claim.get("includeJobDocument")
+            assert w.status("j1")["status"] == "SUCCEEDED" and w.ran() == ["j1"]
+            record = await w.journal.get(("j1", 1))
+            assert record is not None and record.queued_at == w.status("j1")["queuedAt"]
+
+    run(body())
+
+
+def test_notify_alone_is_a_sync_when_the_head_is_not_all(tmp_path: Path) -> None:
+    """Two jobs at once with two slots: the second is not the head, no notify-next brings it,
+    so the notify syncs (the pending list, a describe for its document); each runs once."""
+    async def body() -> None:
+        async with World(tmp_path, max_concurrent_jobs=2) as w:
+            await _started(w)
+            w.create("j1")
+            w.create("j2")
+            await w.notify()
+            await w.idle()
+            await w.notify()
+            assert sorted(w.ran()) == ["j1", "j2"]
+            assert w.operations().count("get") == 1
+            assert [c["jobId"] for op, c in w.jobs.calls if op == "describe"] == ["j2"]
+            assert all(w.status(j)["status"] == "SUCCEEDED" for j in ("j1", "j2"))
+
+    run(body())
+
+
+def test_stale_notify_next_never_claims_twice(tmp_path: Path) -> None:
+    """A notify-next that arrives again after its execution was claimed (duplicate, late, or
+    after a sync took it) is ours already: nothing is sent for it."""
+    async def body() -> None:
+        async with World(tmp_path, max_concurrent_jobs=2) as w:
+            await _started(w)
+            w.create("j1")
+            late = list(w.jobs.published)
+            await w.notify()
+            w.jobs.published.extend(late)  # the same notifications, again, while it runs
+            await w.notify()
+            await w.idle()
+            w.jobs.published.extend(late)  # and once more after it ended
+            await w.notify()
+            await w.idle()
+            assert [u["status"] for u in w.jobs.updates("j1")] == ["IN_PROGRESS", "SUCCEEDED"]
+            assert w.ran() == ["j1"]
+
+    run(body())
+
+
+def test_claim_from_an_outdated_notify_next_is_refused_and_resynced(tmp_path: Path) -> None:
+    """The execution is not at the version its notify-next said (a message from before it
+    moved on): the claim's expectedVersion is refused (VersionMismatch), nothing runs from the
+    message, and the sync that follows decides from the cloud's list."""
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            await _started(w)
+            w.create("j1")
+            for publish in w.jobs.published:
+                if "execution" in publish.payload:
+                    publish.payload["execution"]["versionNumber"] = 7
+            await w.notify(only="notify-next")  # the claim, refused, then the sync it asks
+            await w.idle()
+            assert w.ran() == ["j1"]
+            assert [u.get("expectedVersion") for u in w.jobs.updates("j1")][:2] == [7, 1]
+            assert w.operations()[:3] == ["update", "get", "describe"]
+
+    run(body())
+
+
+def test_bad_document_in_notify_next_is_rejected_and_the_next_job_runs(tmp_path: Path) -> None:
+    """A document this device cannot run ends its execution REJECTED from QUEUED (never
+    claimed); the next job's notify-next is claimed as usual."""
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            await _started(w)
+            w.create("bad", {"operation": "no-such-handler"})
+            await w.notify()
+            assert w.status("bad")["status"] == "REJECTED"
+            w.create("good")
+            await w.notify()
+            await w.idle()
+            assert w.ran() == ["good"]
+            assert [u["status"] for u in w.jobs.updates("bad")] == ["REJECTED"]
+
+    run(body())
+
+
+def test_notify_next_while_every_slot_is_taken_waits_for_the_slot(tmp_path: Path) -> None:
+    """A claimable head while the only slot is busy is deferred, and taken by the sync the
+    freed slot asks for."""
+    gate = tmp_path / "gate"
+
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.gated_handler("slow", gate)
+            await _started(w)
+            w.create("j1", {"operation": "slow"})
+            await w.notify()
+            assert ("j1", 1) in w.d.running
+            # A head change the service would not send here (j1 is the head), delivered as
+            # a late or reordered one would be: j2 cannot be taken now.
+            w.create("j2")
+            w.jobs.published.clear()
+            w.d.notified("notify-next", {"execution": shapes.execution(json.loads(dumps(
+                {**w.service.describe_execution(THING, "j2")["execution"]}))) })
+            await w.d.step()
+            assert w.d._deferred and ("j2", 1) not in w.d.running
+            gate.touch()
+            for _ in range(400):  # j1 ends; its freed slot asks for the sync that takes j2
+                if w.d._want_sync:
+                    break
+                await asyncio.sleep(0.01)
+            await w.d.step()
+            await w.idle()
+            assert w.ran() == ["j2"]  # the slow handler records nothing
+            assert w.status("j1")["status"] == "SUCCEEDED"
+            assert w.status("j2")["status"] == "SUCCEEDED"
+
+    run(body())
+
