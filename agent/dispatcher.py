@@ -433,7 +433,9 @@ class Dispatcher:
         state = reply.get("executionState")
         # Asked for, but a reply without it still means "accepted": one version further.
         new_version = state["versionNumber"] if state else version + 1
-        await self.journal.update(key, version=new_version)  # "running" once spawned
+        # The new version is committed with the first step's start (journal.started): no
+        # side effect between the two, so one commit (issue 12). A crash before it leaves
+        # "claiming", settled against the cloud by recovery as before.
         self._launch(key, plan, new_version, step, queued_at=queued_at if isinstance(
             queued_at, int) else None)
         log.info("job claimed job_id=%s execution=%d handler=%s form=%s step_timeout=%dm",
@@ -495,7 +497,6 @@ class Dispatcher:
             if isinstance(plan, str):
                 await self.journal.done(key)
                 return
-            await self.journal.update(key, version=version)
             self._launch(key, plan, version, record.step_minutes, queued_at=record.queued_at)
             log.info("claim confirmed job_id=%s execution=%d", *key)
         else:
@@ -507,7 +508,8 @@ class Dispatcher:
 
     def _launch(self, key: ExecutionKey, plan: Plan, version: int, step_minutes: int, *,
                 start: int = 0, phase: str = "run", queued_at: int | None = None) -> None:
-        """Run ``plan`` from step ``start``."""
+        """Run ``plan`` from step ``start``; ``version`` (the cloud's, after the claim) is
+        committed with that step's start."""
         job = RunningJob(key, plan, self._reporter(key, version, step_minutes), step=start,
                          phase=phase, queued_at=queued_at)
         self.running[key] = job
@@ -598,7 +600,8 @@ class Dispatcher:
         step = job.plan.steps[job.step]
         job.process = HandlerProcess(self._request(job), on_progress=report)
         # Committed before the spawn: a crash from here on reads "may have started".
-        await self.journal.started(job.key, job.step, step.name, self.machine.boot_id())
+        await self.journal.started(job.key, job.step, step.name, self.machine.boot_id(),
+                                   version=job.reporter.version)
         await job.process.start()
         pid = job.process.pid
         await self.journal.update(job.key, pid=pid, pid_start=self.machine.start_time(pid))
@@ -780,7 +783,6 @@ class Dispatcher:
             await self.journal.done(key)
         elif action.kind in ("run", "verify"):
             assert not isinstance(plan, str)  # plan_recovery reports those FAILED
-            await self.journal.update(key, version=action.version)
             if action.completed is not None:  # the reboot or restart it asked for happened
                 await self.journal.step_ended(key, action.completed, "succeeded",
                                               "done, as the step asked: " + record.state)

@@ -634,3 +634,41 @@ def test_notify_next_while_every_slot_is_taken_waits_for_the_slot(tmp_path: Path
 
     run(body())
 
+
+# ---------------------------------------------------------------------- issue 12, item 3
+
+class CountingJournal(GatedJournal):
+    """Counts the journal's commits (every write is one transaction on its thread)."""
+
+    commits = 0
+
+    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        super()._tx(statements)
+        self.commits += 1
+
+
+def test_commits_per_job(tmp_path: Path) -> None:
+    """A one-step job claimed from notify-next costs five commits, each before its side effect:
+    the claim (before the claim is sent), the new version with "running" (before the spawn;
+    these were two commits), the pid (after the spawn, so a restarted agent can stop it), the
+    verdict with its outbox row (before the final update is sent), and "done" (once the
+    service accepted it)."""
+    class CountingWorld(World):
+        journal_class = CountingJournal
+
+    async def body() -> int:
+        async with CountingWorld(tmp_path) as w:
+            assert isinstance(w.journal, CountingJournal)
+            await _started(w)
+            before = w.journal.commits
+            w.create("j1")
+            await w.notify()
+            await w.idle()
+            await w.notify()
+            assert w.status("j1")["status"] == "SUCCEEDED"
+            record = await w.journal.get(("j1", 1))
+            assert record is not None and record.state == "done"
+            assert record.version == w.status("j1")["versionNumber"]
+            return w.journal.commits - before
+
+    assert run(body()) == 5
