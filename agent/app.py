@@ -22,16 +22,15 @@ from typing import TYPE_CHECKING
 from agent._version import __version__
 from agent.config import Config
 from agent.connection import Connection, ConnectionEvent
-from agent.dispatcher import Dispatcher
 from agent.errors import CertificateValidationException, ConfigError
 from agent.jobs import JobsClient
-from agent.journal import Journal
-from agent.monitor import Monitor
-from agent.reload import reread
 from agent.systemd import Notifier
 
 if TYPE_CHECKING:
     from agent.commands import CommandExecutor, CommandsClient
+    from agent.dispatcher import Dispatcher
+    from agent.journal import Journal
+    from agent.monitor import Monitor
 
 __all__ = ["EXIT_RESTART", "Agent"]
 
@@ -84,31 +83,21 @@ class Agent:
         commands = self._commands_client(connection)
         jobs = JobsClient(connection, request_timeout=self.config.mqtt.request_timeout,
                           max_concurrent_requests=max(4, self.config.max_concurrent_jobs + 2))
-        # Whose journal it is: a state_dir reused for another thing (or another account's
-        # endpoint) starts a fresh one rather than mistaking that thing's jobs for ours.
-        journal = Journal(Path(self.config.state_dir) / "journal.db",
-                          thing_name=self.config.thing_name,
-                          endpoint=self.config.mqtt.endpoint.lower())
-        await journal.open()
-        # Under systemd, per-job logs go where LogsDirectory= points; else under state_dir.
-        job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")
-                        or Path(self.config.state_dir) / "logs")
-        monitor = Monitor(self.config, journal, job_logs=job_logs, version=__version__,
-                          pid=os.getpid())
-        dispatcher = Dispatcher(self.config, jobs, journal, job_logs=job_logs,
-                                on_change=lambda: self._status(dispatcher, monitor),
-                                on_outcome=monitor.on_outcome,
-                                on_restart=self.request_restart)
-        monitor.attach(dispatcher)
-        monitor.changed()
-        executor = None
-        if commands is not None:
-            executor = self._commands_executor(commands, journal, job_logs,
-                                               lambda: self._status(dispatcher, monitor))
-            self._executor = executor
         jobs.open_streams(self.config.thing_name)
+        # The listeners are called on the loop, so not before the first await below (the
+        # journal's open), by which time everything they name exists.
         connection.add_listener(lambda ev: self._on_connection(ev, dispatcher, executor))
-        connection.add_listener(monitor.on_connection)
+        connection.add_listener(lambda ev: monitor.on_connection(ev))
+        # Connect first: the TLS handshake runs on the CRT's threads while the rest of the
+        # agent is imported and the journal opened (issue 12: start-up, exec -> CONNACK).
+        connection.start()
+        try:
+            journal, monitor, dispatcher, executor = self._components(jobs, commands)
+            await journal.open()
+        except BaseException:
+            await connection.stop()
+            raise
+        monitor.changed()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
@@ -116,7 +105,6 @@ class Agent:
         log.info("starting thing=%s handlers=%s state_dir=%s max_concurrent_jobs=%d",
                  self.config.thing_name, ",".join(sorted(self.config.handlers)) or "-",
                  self.config.state_dir, self.config.max_concurrent_jobs)
-        connection.start()
         self._spawn(dispatcher.run(), "agent.dispatcher")
         self._spawn(self._pump_events(jobs, dispatcher), "agent.events")
         self._spawn(self._ready_when_synced(dispatcher, monitor, commands), "agent.ready")
@@ -150,6 +138,39 @@ class Agent:
         return EXIT_RESTART if self._restart else 0
 
     # ------------------------------------------------------------------ helpers
+
+    def _components(self, jobs: JobsClient, commands: CommandsClient | None
+                    ) -> tuple[Journal, Monitor, Dispatcher, CommandExecutor | None]:
+        """The journal (not open yet), the monitor, the dispatcher and the Commands executor.
+
+        Imported here, once the connection has started, so that importing them overlaps the
+        TLS handshake.
+        """
+        from agent.dispatcher import Dispatcher
+        from agent.journal import Journal
+        from agent.monitor import Monitor
+
+        # Whose journal it is: a state_dir reused for another thing (or another account's
+        # endpoint) starts a fresh one rather than mistaking that thing's jobs for ours.
+        journal = Journal(Path(self.config.state_dir) / "journal.db",
+                          thing_name=self.config.thing_name,
+                          endpoint=self.config.mqtt.endpoint.lower())
+        # Under systemd, per-job logs go where LogsDirectory= points; else under state_dir.
+        job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")
+                        or Path(self.config.state_dir) / "logs")
+        monitor = Monitor(self.config, journal, job_logs=job_logs, version=__version__,
+                          pid=os.getpid())
+        dispatcher = Dispatcher(self.config, jobs, journal, job_logs=job_logs,
+                                on_change=lambda: self._status(dispatcher, monitor),
+                                on_outcome=monitor.on_outcome,
+                                on_restart=self.request_restart)
+        monitor.attach(dispatcher)
+        executor = None
+        if commands is not None:
+            executor = self._commands_executor(commands, journal, job_logs,
+                                               lambda: self._status(dispatcher, monitor))
+            self._executor = executor
+        return journal, monitor, dispatcher, executor
 
     def _prepare_state_dir(self) -> None:
         base = Path(self.config.state_dir)
@@ -288,6 +309,8 @@ class Agent:
             self._reload.clear()
             if self._ready:
                 self.notifier.reloading(f"reloading {self.config.source}")
+            from agent.reload import reread
+
             outcome = reread(self.config)
             if outcome.config is not None:
                 self.config = outcome.config
