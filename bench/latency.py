@@ -65,9 +65,10 @@ def stamp_handler(world: World) -> tuple[Path, dict[str, Any], Path]:
     return handler, {"stamp": {"command": [str(handler)], "timeout": "1m"}}, stamps
 
 
-def raw_jobs_device(world: World, config: Path) -> Child:
-    """The floor's device (:mod:`bench.raw_device` ``--jobs``), started and subscribed."""
-    handler = world.dir / "handlers" / "stamp.sh"  # stamp_handler's
+def raw_jobs_device(world: World, config: Path, handler: Path | None = None) -> Child:
+    """The floor's device (:mod:`bench.raw_device` ``--jobs``), started and subscribed; it runs
+    ``handler`` (default: :func:`stamp_handler`'s) with the document's ``args``."""
+    handler = handler or world.dir / "handlers" / "stamp.sh"
     child = world.start_child("raw-jobs-device", [
         PYTHON, "-m", "bench.raw_device", "--jobs", "--config", str(config), "--handler",
         str(handler)], config.parent / "raw-jobs-device.log", stdout_pipe=True)

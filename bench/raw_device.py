@@ -99,7 +99,7 @@ def _jobs(cfg: dict[str, Any], handler: Path) -> int:
         elif packet.topic.endswith("/update/accepted") and body.get("clientToken") == "claim":
             job_id = packet.topic[len(prefix):].split("/", 1)[0]
             execution = claimed[job_id]
-            subprocess.Popen([str(handler), *execution["jobDocument"]["args"]],
+            subprocess.Popen([str(handler), *execution["jobDocument"].get("args", [])],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL).wait()
             update(job_id, {"status": "SUCCEEDED", "clientToken": "done"})

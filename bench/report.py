@@ -42,10 +42,16 @@ def rows(sections: dict[str, Any]) -> list[dict[str, str]]:
         add("   All packets per job, both ways", f"{agent['packets_both_ways_per_job']:g}",
             f"minimum {pk['minimum_packets_both_ways_per_job']}", pk["ratio_both_ways"], "-",
             None)
-        add("   Bytes on the wire per job (TLS), up / down",
-            f"{agent['wire_bytes_up_per_job']:.0f} / {agent['wire_bytes_down_per_job']:.0f} B",
-            f"sample loop {sample['wire_bytes_up_per_job']:.0f} / "
-            f"{sample['wire_bytes_down_per_job']:.0f} B", None, "-", None)
+        raw = pk["raw_device"]
+        add("   Bytes on the wire per job (TLS), up",
+            f"{agent['wire_bytes_up_per_job']:.0f} B",
+            f"raw device (the minimum) {raw['wire_bytes_up_per_job']:.0f} B; sample loop "
+            f"{sample['wire_bytes_up_per_job']:.0f} B", pk["bytes_up_ratio"], "report", None)
+        add("   Bytes on the wire per job (TLS), down",
+            f"{agent['wire_bytes_down_per_job']:.0f} B",
+            f"raw device (no notify) {raw['wire_bytes_down_per_job']:.0f} B; sample loop "
+            f"{sample['wire_bytes_down_per_job']:.0f} B", pk["bytes_down_ratio"], "report",
+            None)
     if rt := sections.get("roundtrip"):
         add("1. Request round trip p50 (get_pending)", _ms(rt["jobs_client"]["p50_ms"]),
             f"raw publish->echo {_ms(rt['raw_echo']['p50_ms'])}", rt["ratio_p50"], "<= 1.1",
@@ -144,7 +150,9 @@ def notes(sections: dict[str, Any]) -> list[str]:
             f"{sample['sent_per_job']} ({sample['requests_per_job']:g} requests per job) and "
             f"received {sample['received_per_job']}; PUBLISH payloads per job, agent up/down "
             f"{agent['payload_bytes_up_per_job']:.0f}/{agent['payload_bytes_down_per_job']:.0f}"
-            " B")
+            f" B, raw device {pk['raw_device']['payload_bytes_up_per_job']:.0f}/"
+            f"{pk['raw_device']['payload_bytes_down_per_job']:.0f} B, received by the raw "
+            f"device {pk['raw_device']['received_per_job']}")
     if rt := sections.get("roundtrip"):
         ops = rt["broker_ops_per_request"]["jobs_client"]
         out.append(

@@ -40,6 +40,8 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
         packets = sections["packets"][consumer]
         assert packets["statuses"] == {"SUCCEEDED": packets["jobs"]}
         assert packets["sent_per_job"]["PUBLISH"] >= 2 and packets["wire_bytes_up_per_job"] > 0
+    raw = sections["packets"]["raw_device"]  # the minimum: claim and final update only
+    assert raw["statuses"] == {"SUCCEEDED": raw["jobs"]} and raw["sent_per_job"]["PUBLISH"] == 2
     for link in sections["link"]["links"]:
         assert link["raw_echo"]["p50_ms"] >= link["rtt_ms"]  # the link really delays
         assert link["queue_to_handler"]["p50_ms"] > 0
