@@ -248,16 +248,19 @@ def next_notice(execution: dict[str, Any] | None, *, held: Mapping[Key, int | No
 
 
 def notify_notice(jobs: Mapping[str, list[dict[str, Any]]], *, held: Mapping[Key, int | None],
-                  running: Collection[Key], free: int) -> Notice:
+                  running: Collection[Key], free: int, ended: Collection[Key] = ()) -> Notice:
     """A ``notify``: the thing's set of pending executions changed; ``jobs`` lists them
     (``IN_PROGRESS``, then ``QUEUED``, in the service's order; at most :data:`LISTED_MAX`).
 
     A sync is needed when the list shows an IN_PROGRESS execution not held here, lacks one
     whose handler runs here (ended in the cloud?), or shows a QUEUED one not held here that a
     free slot could take now and that no ``notify-next`` brings: with nothing IN_PROGRESS,
-    the first QUEUED is the head, which ``notify-next`` carries with its document. Without a
-    free slot a new QUEUED one waits: a slot frees when a held execution ends, which changes
-    the pending set, so another ``notify`` (or ``notify-next``) follows.
+    the first QUEUED is the head, which ``notify-next`` carries with its document (and which
+    takes a free slot). Without a free slot a new QUEUED one waits: a slot frees when a held
+    execution ends, which changes the pending set, so another ``notify`` (or ``notify-next``)
+    follows. ``ended``: held executions whose handlers ended here, their final status sent: a
+    notify that still lists one IN_PROGRESS was sent before that status arrived, and its first
+    QUEUED execution is the head now.
     """
     in_progress = list(jobs.get("IN_PROGRESS", ()))
     queued = list(jobs.get("QUEUED", ()))
@@ -270,10 +273,12 @@ def notify_notice(jobs: Mapping[str, list[dict[str, Any]]], *, held: Mapping[Key
     if any(key not in keys for key in running):
         return Notice.SYNC
     new = [s for s in queued if _held_as(s, held) is None]
-    if not new or free <= 0:
+    # With nothing IN_PROGRESS the first QUEUED is the head: notify-next brings it (before or
+    # after this message), with its document, and it takes a slot.
+    live = [s for s in in_progress if (s["jobId"], s["executionNumber"]) not in ended]
+    brought = 1 if not live and new and new[0] is queued[0] else 0
+    if free - brought <= 0:
         return Notice.NOTHING
-    if len(listed) >= LISTED_MAX:
-        return Notice.SYNC  # a full list may leave claimable ones out
-    if not in_progress and new == queued[:1]:
-        return Notice.NOTHING  # the head alone: notify-next brings it, with its document
-    return Notice.SYNC
+    if len(new) > brought or len(listed) >= LISTED_MAX:
+        return Notice.SYNC  # one more a free slot could take, or a full list may hide one
+    return Notice.NOTHING

@@ -66,6 +66,7 @@ log = logging.getLogger("agent.dispatcher")
 _FINAL_REPORT_GRACE = 15.0  # seconds a stopping agent keeps trying to deliver final statuses
 _GONE = (ResourceNotFoundException, InvalidStateTransitionException, TerminalStateException)
 _PRUNE_EVERY = 3600.0
+_ENDED_KEPT = 32  # recently ended executions a late notification may still list
 _RETRY_TROUBLED = 1.0  # seconds before a sync retries an execution whose describe timed out
 _UNREADABLE = "the job document could not be read"
 
@@ -120,8 +121,12 @@ class Dispatcher:
         self._wake = asyncio.Event()  # something to do: a sync asked for, or a notification
         self._want_sync = False
         self._notices: dict[str, dict[str, Any]] = {}  # the latest notify / notify-next body
-        # A QUEUED execution was left for want of a free slot: sync when one frees.
+        # A QUEUED execution was left for want of a free slot: sync when a cloud-ended job's
+        # slot frees (see _done).
         self._deferred = False
+        # The latest executions whose handlers ended here (key -> queuedAt): a notification
+        # sent before their end arrives after it, and must not look like news.
+        self._ended: dict[ExecutionKey, int | None] = {}
         self._sync_lock = asyncio.Lock()
         self._stopping = False
         self._last_prune = 0.0
@@ -205,7 +210,7 @@ class Dispatcher:
                     self._want_sync = True  # the first sync recovers, then decides
                     return
                 held: dict[ExecutionKey, int | None] = {
-                    **{key: None for key in self.delivering},
+                    **self._ended, **{key: None for key in self.delivering},
                     **{key: job.queued_at for key, job in self.running.items()}}
                 running = [k for k, j in self.running.items() if not j.concluding]
                 free = self._free_slots()
@@ -215,7 +220,8 @@ class Dispatcher:
                                                 free=free)
                 else:
                     notice = claims.notify_notice(body.get("jobs", {}), held=held,
-                                                  running=running, free=free)
+                                                  running=running, free=free,
+                                                  ended=self._ended)
                 log.debug("%s notice=%s", kind, notice.value)
                 if notice is Notice.SYNC:
                     self._want_sync = True
@@ -674,12 +680,17 @@ class Dispatcher:
 
     def _done(self, job: RunningJob) -> None:
         self.running.pop(job.key, None)
+        self._ended.pop(job.key, None)
+        self._ended[job.key] = job.queued_at
+        if len(self._ended) > _ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
         self._finished_since_prune += 1
         self._on_change()
-        if not self._stopping and self._deferred:
-            # Capacity freed and a QUEUED execution waits for it. Otherwise nothing waits: the
-            # end of this job changes the pending list, and the notifications that follow say
-            # what comes next.
+        if not self._stopping and self._deferred and job.reporter.gone.is_set():
+            # A slot freed without our final update: the cloud ended the job (its end changed
+            # the pending list before the handler stopped), and a QUEUED execution waits for
+            # the slot. After our own final update, the notifications it causes say what
+            # comes next (a sync on each end would cost a request per job).
             self.wake("slot-freed")
 
     async def _forget_safely(self, key: ExecutionKey) -> None:

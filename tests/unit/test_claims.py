@@ -226,6 +226,27 @@ def test_notify_listing_a_claimable_execution_notify_next_will_not_bring_syncs()
                          free=2) is Notice.SYNC
 
 
+def test_notify_of_a_new_head_and_more_syncs_only_for_a_second_free_slot() -> None:
+    """The head takes the one free slot (from notify-next, which may come after this notify);
+    the others wait for the notification the end of a job brings."""
+    jobs = listed(execution("a"), execution("b"), execution("c"))
+    assert notify_notice(jobs, held={}, running=[], free=1) is Notice.NOTHING
+    assert notify_notice(jobs, held={}, running=[], free=2) is Notice.SYNC
+    many = listed(*[execution(f"q{i}") for i in range(LISTED_MAX)])
+    assert notify_notice(many, held={}, running=[], free=1) is Notice.NOTHING
+
+
+def test_notify_sent_before_our_final_status_leaves_the_head_to_notify_next() -> None:
+    """A notify listing our ended execution IN_PROGRESS (sent before our final update was
+    applied) and a full queue behind it: the first QUEUED is the head now."""
+    ended = execution("e", status="IN_PROGRESS", queued_at=5)
+    jobs = listed(ended, *[execution(f"q{i}") for i in range(LISTED_MAX - 1)])
+    held = {("e", 1): 5}
+    assert notify_notice(jobs, held=held, running=[], free=1,
+                         ended=[("e", 1)]) is Notice.NOTHING
+    assert notify_notice(jobs, held=held, running=[], free=1) is Notice.SYNC
+
+
 def test_notify_without_a_free_slot_waits_for_the_notification_a_slot_brings() -> None:
     ours = execution("r", status="IN_PROGRESS", queued_at=5)
     assert notify_notice(listed(ours, execution()), held={("r", 1): 5}, running=[("r", 1)],

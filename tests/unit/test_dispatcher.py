@@ -601,9 +601,9 @@ def test_bad_document_in_notify_next_is_rejected_and_the_next_job_runs(tmp_path:
     run(body())
 
 
-def test_notify_next_while_every_slot_is_taken_waits_for_the_slot(tmp_path: Path) -> None:
-    """A claimable head while the only slot is busy is deferred, and taken by the sync the
-    freed slot asks for."""
+def test_queued_jobs_behind_a_running_one_come_with_its_end(tmp_path: Path) -> None:
+    """Two slots' worth of jobs behind one running handler with one slot: nothing is asked while
+    it runs; its end's notify-next brings the next, claimed from the message."""
     gate = tmp_path / "gate"
 
     async def body() -> None:
@@ -613,23 +613,47 @@ def test_notify_next_while_every_slot_is_taken_waits_for_the_slot(tmp_path: Path
             w.create("j1", {"operation": "slow"})
             await w.notify()
             assert ("j1", 1) in w.d.running
-            # A head change the service would not send here (j1 is the head), delivered as
-            # a late or reordered one would be: j2 cannot be taken now.
+            w.create("j2")
+            w.create("j3")
+            await w.notify()  # two notify: j2 and j3 wait, nothing is asked
+            assert w.operations() == ["update"]
+            gate.touch()
+            for _ in range(3):  # each end's notifications bring the next job
+                await w.idle()
+                await w.notify()
+            await w.idle()
+            assert w.ran() == ["j2", "j3"]  # the gated handler records nothing
+            assert all(w.status(j)["status"] == "SUCCEEDED" for j in ("j1", "j2", "j3"))
+            assert "get" not in w.operations() and "describe" not in w.operations()
+
+    run(body())
+
+
+def test_slot_of_a_job_ended_in_the_cloud_goes_to_the_job_that_waited(tmp_path: Path) -> None:
+    """The one slot is held by a handler whose job is canceled: the notify's sync stops it and
+    finds j2 waiting for the slot; its end (no update of ours, so no notification) asks for the
+    sync that takes j2."""
+    gate = tmp_path / "gate"
+
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            w.gated_handler("slow", gate)
+            await _started(w)
+            w.create("j1", {"operation": "slow"})
+            await w.notify()
             w.create("j2")
             w.jobs.published.clear()
-            w.d.notified("notify-next", {"execution": shapes.execution(json.loads(dumps(
-                {**w.service.describe_execution(THING, "j2")["execution"]}))) })
-            await w.d.step()
-            assert w.d._deferred and ("j2", 1) not in w.d.running
-            gate.touch()
-            for _ in range(400):  # j1 ends; its freed slot asks for the sync that takes j2
+            w.jobs.published.extend(w.service.cancel_job("j1", force=True))
+            await w.notify()  # j1 missing from notify: a sync; j2 waits for the slot
+            assert w.d._deferred
+            for _ in range(400):  # j1's handler is stopped; its freed slot asks for a sync
                 if w.d._want_sync:
                     break
                 await asyncio.sleep(0.01)
             await w.d.step()
             await w.idle()
-            assert w.ran() == ["j2"]  # the slow handler records nothing
-            assert w.status("j1")["status"] == "SUCCEEDED"
+            assert w.ran() == ["j2"]
+            assert w.status("j1")["status"] == "CANCELED"
             assert w.status("j2")["status"] == "SUCCEEDED"
 
     run(body())
