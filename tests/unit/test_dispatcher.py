@@ -601,6 +601,15 @@ def test_bad_document_in_notify_next_is_rejected_and_the_next_job_runs(tmp_path:
     run(body())
 
 
+async def _running_gated(w: World, gate: Path) -> None:
+    """Started, with j1 claimed from its notify-next and its handler held until ``gate``."""
+    w.gated_handler("slow", gate)
+    await _started(w)
+    w.create("j1", {"operation": "slow"})
+    await w.notify()
+    assert ("j1", 1) in w.d.running
+
+
 def test_queued_jobs_behind_a_running_one_come_with_its_end(tmp_path: Path) -> None:
     """Two slots' worth of jobs behind one running handler with one slot: nothing is asked while
     it runs; its end's notify-next brings the next, claimed from the message."""
@@ -608,11 +617,7 @@ def test_queued_jobs_behind_a_running_one_come_with_its_end(tmp_path: Path) -> N
 
     async def body() -> None:
         async with World(tmp_path) as w:
-            w.gated_handler("slow", gate)
-            await _started(w)
-            w.create("j1", {"operation": "slow"})
-            await w.notify()
-            assert ("j1", 1) in w.d.running
+            await _running_gated(w, gate)
             w.create("j2")
             w.create("j3")
             await w.notify()  # two notify: j2 and j3 wait, nothing is asked
@@ -637,10 +642,7 @@ def test_slot_of_a_job_ended_in_the_cloud_goes_to_the_job_that_waited(tmp_path: 
 
     async def body() -> None:
         async with World(tmp_path) as w:
-            w.gated_handler("slow", gate)
-            await _started(w)
-            w.create("j1", {"operation": "slow"})
-            await w.notify()
+            await _running_gated(w, gate)
             w.create("j2")
             w.jobs.published.clear()
             w.jobs.published.extend(w.service.cancel_job("j1", force=True))
