@@ -184,8 +184,7 @@ class JobsClient:
 
     async def _request(self, operation: str, thing: str, topic: str,
                        body: dict[str, Any]) -> dict[str, Any]:
-        # As unique as a uuid4, without the uuid module (it imports platform: idle RSS).
-        token = os.urandom(16).hex()
+        token = _new_token()
         payload = json.dumps({**body, "clientToken": token}).encode()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
@@ -377,6 +376,12 @@ class JobsClient:
             self._put(JobsEvent("malformed", {"stream": kind}))
             return
         self._put(JobsEvent(kind, body))
+
+
+def _new_token() -> str:
+    """A clientToken: 128 random bits, as unique as a uuid4, without the uuid module (it imports
+    ``platform``: idle RSS, issue 12)."""
+    return os.urandom(16).hex()
 
 
 def _expire(reply: asyncio.Future[Any]) -> None:
