@@ -685,6 +685,10 @@ class Dispatcher:
         if len(self._ended) > _ENDED_KEPT:
             del self._ended[next(iter(self._ended))]
         self._finished_since_prune += 1
+        if self._finished_since_prune >= max(1, self.config.max_records // 10):
+            # A burst: prune now, not at the next sync (jobs claimed from notify-next may run
+            # for hours without one; issue 12 found the journal at 233 rows for 100).
+            self._spawn(self._maybe_prune())
         self._on_change()
         if not self._stopping and self._deferred and job.reporter.gone.is_set():
             # A slot freed without our final update: the cloud ended the job (its end changed
