@@ -19,6 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# Before anything opens a descriptor: importing the runner parks fd 3 for the handlers'
+# progress pipe, which keeps every spawn a vfork (see runner._park_progress_fd). The connection
+# below opens sockets as soon as it starts, before the dispatcher is imported.
+import agent.runner  # noqa: F401  # isort: skip
 from agent._version import __version__
 from agent.config import Config
 from agent.connection import Connection, ConnectionEvent
