@@ -19,21 +19,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# Before anything opens a descriptor: importing the runner parks fd 3 for the handlers'
+# progress pipe, which keeps every spawn a vfork (see runner._park_progress_fd). The connection
+# below opens sockets as soon as it starts, before the dispatcher is imported.
+import agent.runner  # noqa: F401  # isort: skip
 from agent import backends
 from agent._version import __version__
 from agent.config import Config
 from agent.connection import Connection, ConnectionEvent
-from agent.dispatcher import Dispatcher
 from agent.errors import CertificateValidationException, ConfigError
 from agent.jobs import JobsClient
-from agent.journal import Journal
-from agent.monitor import Monitor
 from agent.paths import ensure_state_dir, state_dirs
-from agent.reload import reread
 from agent.systemd import Notifier
 
 if TYPE_CHECKING:
     from agent.commands import CommandExecutor, CommandsClient
+    from agent.dispatcher import Dispatcher
+    from agent.journal import Journal
+    from agent.monitor import Monitor
 
 __all__ = ["EXIT_RESTART", "Agent"]
 
@@ -91,28 +94,21 @@ class Agent:
         commands = self._commands_client(connection)
         jobs = JobsClient(connection, request_timeout=self.config.mqtt.request_timeout,
                           max_concurrent_requests=max(4, self.config.max_concurrent_jobs + 2))
-        # Whose journal it is: a state_dir reused for another thing (or another account's
-        # endpoint) starts a fresh one rather than mistaking that thing's jobs for ours.
-        journal = Journal(Path(self.config.state_dir) / "journal.db",
-                          thing_name=self.config.thing_name,
-                          endpoint=self.config.mqtt.endpoint.lower())
-        await journal.open()
-        monitor = Monitor(self.config, journal, job_logs=job_logs, version=__version__,
-                          pid=os.getpid())
-        dispatcher = Dispatcher(self.config, jobs, journal, job_logs=job_logs,
-                                on_change=lambda: self._status(dispatcher, monitor),
-                                on_outcome=monitor.on_outcome,
-                                on_restart=self.request_restart)
-        monitor.attach(dispatcher)
-        monitor.changed()
-        executor = None
-        if commands is not None:
-            executor = self._commands_executor(commands, journal, job_logs,
-                                               lambda: self._status(dispatcher, monitor))
-            self._executor = executor
         jobs.open_streams(self.config.thing_name)
+        # The listeners are called on the loop, so not before the first await below (the
+        # journal's open), by which time everything they name exists.
         connection.add_listener(lambda ev: self._on_connection(ev, dispatcher, executor))
-        connection.add_listener(monitor.on_connection)
+        connection.add_listener(lambda ev: monitor.on_connection(ev))
+        # Connect first: the TLS handshake runs on the CRT's threads while the rest of the
+        # agent is imported and the journal opened (issue 12: start-up, exec -> CONNACK).
+        connection.start()
+        try:
+            journal, monitor, dispatcher, executor = self._components(jobs, commands, job_logs)
+            await journal.open()
+        except BaseException:
+            await connection.stop()
+            raise
+        monitor.changed()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
@@ -120,7 +116,6 @@ class Agent:
         log.info("starting thing=%s handlers=%s state_dir=%s max_concurrent_jobs=%d",
                  self.config.thing_name, ",".join(sorted(self.config.handlers)) or "-",
                  self.config.state_dir, self.config.max_concurrent_jobs)
-        connection.start()
         self._spawn(dispatcher.run(), "agent.dispatcher")
         self._spawn(self._pump_events(jobs, dispatcher), "agent.events")
         self._spawn(self._ready_when_synced(dispatcher, monitor, commands), "agent.ready")
@@ -155,6 +150,36 @@ class Agent:
         return EXIT_RESTART if self._restart else 0
 
     # ------------------------------------------------------------------ helpers
+
+    def _components(self, jobs: JobsClient, commands: CommandsClient | None,
+                    job_logs: Path) -> tuple[Journal, Monitor, Dispatcher, CommandExecutor | None]:
+        """The journal (not open yet), the monitor, the dispatcher and the Commands executor.
+
+        Imported here, once the connection has started, so that importing them overlaps the
+        TLS handshake.
+        """
+        from agent.dispatcher import Dispatcher
+        from agent.journal import Journal
+        from agent.monitor import Monitor
+
+        # Whose journal it is: a state_dir reused for another thing (or another account's
+        # endpoint) starts a fresh one rather than mistaking that thing's jobs for ours.
+        journal = Journal(Path(self.config.state_dir) / "journal.db",
+                          thing_name=self.config.thing_name,
+                          endpoint=self.config.mqtt.endpoint.lower())
+        monitor = Monitor(self.config, journal, job_logs=job_logs, version=__version__,
+                          pid=os.getpid())
+        dispatcher = Dispatcher(self.config, jobs, journal, job_logs=job_logs,
+                                on_change=lambda: self._status(dispatcher, monitor),
+                                on_outcome=monitor.on_outcome,
+                                on_restart=self.request_restart)
+        monitor.attach(dispatcher)
+        executor = None
+        if commands is not None:
+            executor = self._commands_executor(commands, journal, job_logs,
+                                               lambda: self._status(dispatcher, monitor))
+            self._executor = executor
+        return journal, monitor, dispatcher, executor
 
     def _prepare_state_dir(self, job_logs: Path) -> None:
         """Create the state directories private (or check that existing ones are: anyone who
@@ -228,7 +253,9 @@ class Agent:
             self.notifier.status("TLS handshake refused; check the certificate (see log)")
 
     async def _pump_events(self, jobs: JobsClient, dispatcher: Dispatcher) -> None:
-        """Notifications (and re-established streams) are a doorbell for a sync.
+        """Notifications go to the dispatcher, which claims from notify-next and syncs when a
+        notify says something new; a (re-)established stream or an unreadable notification
+        asks for a sync.
 
         A stream the broker refused (the policy lacks iot:Subscribe on it, logged once as an
         error) leaves no doorbell: until it is granted, the agent polls every
@@ -238,7 +265,9 @@ class Agent:
         poller: asyncio.Task[None] | None = None
         try:
             async for event in jobs.events():
-                if event.kind in ("notify", "notify-next", "subscribed"):
+                if event.kind in ("notify", "notify-next"):
+                    dispatcher.notified(event.kind, event.body)
+                elif event.kind in ("subscribed", "malformed"):
                     dispatcher.wake(event.kind)
                 if event.kind == "subscription-halted":
                     halted.add(event.body["stream"])
@@ -299,6 +328,8 @@ class Agent:
             self._reload.clear()
             if self._ready:
                 self.notifier.reloading(f"reloading {self.config.source}")
+            from agent.reload import reread
+
             outcome = reread(self.config)
             if outcome.config is not None:
                 self.config = outcome.config

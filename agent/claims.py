@@ -12,6 +12,12 @@ by every pending-list summary and every described execution, tell them apart:
 - ``versionNumber``: it never goes down for one execution, so a cloud version below the one the
   journal last saw accepted is another execution, even one queued in the same second.
 
+**Notifications.** ``notify-next`` carries the head of the pending list with its document, so
+it is claimed straight from the message (an ``expectedVersion`` update, nothing asked first);
+``notify`` carries summaries only, and asks for a sync (the pending list, then a describe per
+claim) only when it says something this device does not know yet. :func:`next_notice` and
+:func:`notify_notice` decide which, from what the dispatcher holds in memory.
+
 **One bad job never holds up the others.** A describe whose reply cannot be read (a document
 nested too deep for Python's json), or never comes (a lone UTF-16 surrogate makes the MQTT
 library drop the reply), is that execution's failure, not the thing's, as long as a describe
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,14 +38,18 @@ from agent.journal import Record
 
 __all__ = [
     "DESCRIBE_ATTEMPTS",
+    "LISTED_MAX",
     "REPLACED",
     "Identity",
     "InProgress",
+    "Notice",
     "Queued",
     "Trouble",
     "document_problem",
     "identity",
     "in_progress_verdict",
+    "next_notice",
+    "notify_notice",
     "queued_verdict",
     "same_execution",
 ]
@@ -187,3 +197,88 @@ class Trouble:
         """The service's order, except that executions with failures go last: a bad one is
         retried only after the others have had their turn."""
         return sorted(summaries, key=lambda s: identity(s) in self.strikes)
+
+
+LISTED_MAX = 10
+"""``notify`` (like GetPendingJobExecutions) lists at most this many executions: a full list
+may leave some out."""
+
+Key = tuple[str, int]
+
+
+class Notice(enum.Enum):
+    """What a notification asks of the dispatcher."""
+
+    NOTHING = "nothing"  # it says nothing this device does not know (or cannot act on yet)
+    CLAIM = "claim"  # notify-next's execution: claim it with what the message carries
+    DEFER = "defer"  # notify-next's execution is claimable, but no slot is free: sync then
+    SYNC = "sync"  # ask the service for the pending list and decide from it
+
+
+def _held_as(execution: dict[str, Any], held: Mapping[Key, int | None]) -> bool | None:
+    """True: ``held`` has this very execution; False: its key, for another execution (a
+    deleted job's id reused); None: not its key at all. ``held`` maps the key of each execution
+    this device is running or reporting to its ``queuedAt`` (None: unknown, the key decides)."""
+    key = (execution["jobId"], execution["executionNumber"])
+    if key not in held:
+        return None
+    ours, theirs = held[key], execution.get("queuedAt")
+    return ours is None or not isinstance(theirs, int) or ours == theirs
+
+
+def next_notice(execution: dict[str, Any] | None, *, held: Mapping[Key, int | None],
+                running: Collection[Key], free: int) -> Notice:
+    """A ``notify-next``: the head of the thing's pending list changed to ``execution``.
+
+    ``running``: the executions whose handlers run here (their ends not yet sent); ``free``:
+    the slots free for new handlers. The head is the first IN_PROGRESS execution, or without
+    one the first QUEUED: a QUEUED head (or none) while handlers run here means the cloud
+    ended them, which a sync confirms.
+    """
+    if execution is None:
+        return Notice.SYNC if running else Notice.NOTHING
+    held_as = _held_as(execution, held)
+    if held_as is not None:
+        return Notice.NOTHING if held_as else Notice.SYNC
+    if execution.get("status") != "QUEUED" or running:
+        return Notice.SYNC  # an IN_PROGRESS execution we do not hold, or a cancellation
+    if not isinstance(execution.get("jobDocument"), str):
+        return Notice.SYNC  # no document to plan from: the sync's describe has it
+    return Notice.CLAIM if free > 0 else Notice.DEFER
+
+
+def notify_notice(jobs: Mapping[str, list[dict[str, Any]]], *, held: Mapping[Key, int | None],
+                  running: Collection[Key], free: int, ended: Collection[Key] = ()) -> Notice:
+    """A ``notify``: the thing's set of pending executions changed; ``jobs`` lists them
+    (``IN_PROGRESS``, then ``QUEUED``, in the service's order; at most :data:`LISTED_MAX`).
+
+    A sync is needed when the list shows an IN_PROGRESS execution not held here, lacks one
+    whose handler runs here (ended in the cloud?), or shows a QUEUED one not held here that a
+    free slot could take now and that no ``notify-next`` brings: with nothing IN_PROGRESS,
+    the first QUEUED is the head, which ``notify-next`` carries with its document (and which
+    takes a free slot). Without a free slot a new QUEUED one waits: a slot frees when a held
+    execution ends, which changes the pending set, so another ``notify`` (or ``notify-next``)
+    follows. ``ended``: held executions whose handlers ended here, their final status sent: a
+    notify that still lists one IN_PROGRESS was sent before that status arrived, and its first
+    QUEUED execution is the head now.
+    """
+    in_progress = list(jobs.get("IN_PROGRESS", ()))
+    queued = list(jobs.get("QUEUED", ()))
+    listed = [*in_progress, *queued]
+    if any(_held_as(s, held) is not True for s in in_progress):
+        return Notice.SYNC
+    if any(_held_as(s, held) is False for s in queued):
+        return Notice.SYNC  # a reused key: the sync decides what becomes of the old one
+    keys = {(s["jobId"], s["executionNumber"]) for s in listed}
+    if any(key not in keys for key in running):
+        return Notice.SYNC
+    new = [s for s in queued if _held_as(s, held) is None]
+    # With nothing IN_PROGRESS the first QUEUED is the head: notify-next brings it (before or
+    # after this message), with its document, and it takes a slot.
+    live = [s for s in in_progress if (s["jobId"], s["executionNumber"]) not in ended]
+    brought = 1 if not live and new and new[0] is queued[0] else 0
+    if free - brought <= 0:
+        return Notice.NOTHING
+    if len(new) > brought or len(listed) >= LISTED_MAX:
+        return Notice.SYNC  # one more a free slot could take, or a full list may hide one
+    return Notice.NOTHING

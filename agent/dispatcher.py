@@ -1,12 +1,16 @@
 """The dispatcher: claims executions, runs their handlers, reports, and recovers after a crash.
 
-Everything funnels through one :meth:`Dispatcher.sync`: on start, after every (re)connect, on
-every ``notify``/``notify-next`` and on the safety poll, it asks the service for the pending list
-(the truth) and compares it with the journal. Notifications are only a doorbell, so a duplicate,
-late or out-of-order one cannot start a job twice: an execution already in the journal is never
-claimed again, and a claim is an ``expectedVersion`` update from QUEUED. "Already in the journal"
-means the same execution, not only the same (jobId, executionNumber): a deleted job's id and
-numbers may be reused, and :mod:`agent.claims` tells them apart.
+:meth:`Dispatcher.sync` is the full reconciliation: on start, after every (re)connect, on the
+safety poll and whenever a ``notify`` says something this device does not know, it asks the
+service for the pending list (the truth) and compares it with the journal. A ``notify-next``
+carries the head of the list with its document: its execution is claimed straight from the
+message (issue 12: one PUBLISH, no get, no describe). Both run under one lock, one decision at
+a time, so a duplicate, late or out-of-order notification cannot start a job twice: an
+execution already in the journal is never claimed again, and a claim is an ``expectedVersion``
+update from QUEUED (a stale message's version is refused, VersionMismatch, and a sync decides
+afresh). "Already in the journal" means the same execution, not only the same (jobId,
+executionNumber): a deleted job's id and numbers may be reused, and :mod:`agent.claims` tells
+them apart, and decides what each notification asks for.
 
 Claiming is isolated per execution: a failure that belongs to one execution (its document
 cannot be read) ends that execution REJECTED and the sync moves on; only a failure of the
@@ -34,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import claims
-from agent.claims import InProgress, Queued, Trouble
+from agent.claims import InProgress, Notice, Queued, Trouble
 from agent.config import Config, HandlerLimits
 from agent.documents import DocumentError, Plan, Verdict, plan_document, plan_job
 from agent.errors import (
@@ -63,6 +67,7 @@ log = logging.getLogger("agent.dispatcher")
 _FINAL_REPORT_GRACE = 15.0  # seconds a stopping agent keeps trying to deliver final statuses
 _GONE = (ResourceNotFoundException, InvalidStateTransitionException, TerminalStateException)
 _PRUNE_EVERY = 3600.0
+_ENDED_KEPT = 32  # recently ended executions a late notification may still list
 _RETRY_TROUBLED = 1.0  # seconds before a sync retries an execution whose describe timed out
 _UNREADABLE = "the job document could not be read"
 
@@ -77,6 +82,7 @@ class RunningJob:
     process: HandlerProcess | None = None
     task: asyncio.Task[None] | None = None
     interrupted: str | None = None  # set when the agent itself stops the handler
+    queued_at: int | None = None  # the execution's queuedAt (None: unknown), for notifications
     started: float = field(default_factory=time.monotonic)
     progress_step: str | None = None  # the latest "step" the handler reported (for `status`)
     # The handler has ended: from here on only the reporter's own exchange with the service
@@ -113,7 +119,15 @@ class Dispatcher:
         self.last_sync: float | None = None  # wall clock of the last successful sync
         self.last_sync_error: str | None = None  # why the latest sync failed, until one works
         self._recovered = False
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # something to do: a sync asked for, or a notification
+        self._want_sync = False
+        self._notices: dict[str, dict[str, Any]] = {}  # the latest notify / notify-next body
+        # A QUEUED execution was left for want of a free slot: sync when a cloud-ended job's
+        # slot frees (see _done).
+        self._deferred = False
+        # The latest executions whose handlers ended here (key -> queuedAt): a notification
+        # sent before their end arrives after it, and must not look like news.
+        self._ended: dict[ExecutionKey, int | None] = {}
         self._sync_lock = asyncio.Lock()
         self._stopping = False
         self._last_prune = 0.0
@@ -129,6 +143,13 @@ class Dispatcher:
 
     def wake(self, reason: str) -> None:
         log.debug("sync requested reason=%s", reason)
+        self._want_sync = True
+        self._wake.set()
+
+    def notified(self, kind: str, body: dict[str, Any]) -> None:
+        """A ``notify`` or ``notify-next`` arrived. Only the latest of each kind matters (each
+        describes the whole list, or its head, as it is now); :meth:`run` acts on it."""
+        self._notices[kind] = body
         self._wake.set()
 
     def reconfigure(self, config: Config) -> None:
@@ -149,13 +170,15 @@ class Dispatcher:
         while not self._stopping:
             interval = min(self.config.poll_interval, 30.0) if self.refusing \
                 else self.config.poll_interval
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), interval)
+            except TimeoutError:
+                self._want_sync = True  # the safety poll
             self._wake.clear()
             if self._stopping:
                 return
             try:
-                await self.sync()
+                await self.step()
                 attempt = 0
             except Exception as exc:  # the loop that takes jobs must outlive any one failure
                 attempt += 1
@@ -168,10 +191,74 @@ class Dispatcher:
                 else:
                     log.exception("sync failed unexpectedly, retrying in=%.1fs", delay)
                 await asyncio.sleep(delay)
-                self._wake.set()
+                self.wake("retry")
+
+    async def step(self) -> None:
+        """One round of :meth:`run`: act on the latest notifications, then sync if asked."""
+        await self._take_notices()
+        if self._want_sync:
+            self._want_sync = False
+            await self.sync()
+
+    async def _take_notices(self) -> None:
+        """Act on the latest notifications: notify-next first (it may claim its execution,
+        which the notify then finds held), then notify."""
+        while self._notices and not self._want_sync and not self._stopping:
+            kind = "notify-next" if "notify-next" in self._notices else "notify"
+            body = self._notices.pop(kind)
+            async with self._sync_lock:
+                if not self._recovered:
+                    self._want_sync = True  # the first sync recovers, then decides
+                    return
+                held: dict[ExecutionKey, int | None] = {
+                    **self._ended, **{key: None for key in self.delivering},
+                    **{key: job.queued_at for key, job in self.running.items()}}
+                running = [k for k, j in self.running.items() if not j.concluding]
+                free = self._free_slots()
+                if kind == "notify-next":
+                    execution = body.get("execution")
+                    notice = claims.next_notice(execution, held=held, running=running,
+                                                free=free)
+                else:
+                    notice = claims.notify_notice(body.get("jobs", {}), held=held,
+                                                  running=running, free=free,
+                                                  ended=self._ended)
+                log.debug("%s notice=%s", kind, notice.value)
+                if notice is Notice.SYNC:
+                    self._want_sync = True
+                elif notice is Notice.DEFER:
+                    self._deferred = True
+                elif notice is Notice.CLAIM:
+                    assert execution is not None
+                    await self._claim_notified(execution)
+
+    async def _claim_notified(self, execution: dict[str, Any]) -> None:
+        """notify-next's execution, QUEUED and not held here: claim it with the document the
+        message carries, unless the journal says otherwise (then a sync decides)."""
+        key = summary_key(execution)
+        try:
+            record = await self.journal.get(key)
+        except JournalError as exc:
+            self._refuse(str(exc))
+            return
+        if claims.queued_verdict(record, execution, busy=False) is not Queued.CLAIM:
+            # A record of this key: ours already, an earlier claim to settle, or another
+            # execution's. A message may be late, so only the pending list may tell a reused
+            # key from our own execution notified again (its record is never archived on a
+            # notification's word).
+            self._want_sync = True
+            return
+        await self._claim_execution(key, execution, execution)
+
+    def _free_slots(self) -> int:
+        """Slots for new handlers: a job whose handler has ended (its status on its way) no
+        longer holds one."""
+        return self.config.max_concurrent_jobs - sum(
+            1 for job in self.running.values() if not job.concluding)
 
     async def sync(self) -> None:
         async with self._sync_lock:
+            self._deferred = False
             if not self._recovered:
                 await self._recover()
                 self._recovered = True
@@ -215,8 +302,8 @@ class Dispatcher:
         for summary in self._trouble.order(queued):
             key = summary_key(summary)
             busy = self._busy(key)  # then decided even without a free slot: it may hold one
-            if busy is None and (self._stopping or
-                                 len(self.running) >= self.config.max_concurrent_jobs):
+            if busy is None and (self._stopping or self._free_slots() <= 0):
+                self._deferred = True
                 continue  # waits its turn (a free slot, or the next start), as QUEUED
             try:
                 record = await self.journal.get(key)
@@ -298,6 +385,13 @@ class Dispatcher:
         execution = described.get("execution")
         if not execution or execution.get("status") != "QUEUED":
             return
+        await self._claim_execution(key, execution, summary)
+
+    async def _claim_execution(self, key: ExecutionKey, execution: dict[str, Any],
+                               summary: dict[str, Any]) -> None:
+        """Claim the QUEUED ``execution`` (described, or from notify-next, with its document):
+        plan it (a bad document ends it REJECTED, unclaimed), journal the claim, send it."""
+        job_id, number = key
         version = execution["versionNumber"]
         problem = claims.document_problem(execution.get("jobDocument"))
         if problem is not None:
@@ -326,9 +420,11 @@ class Dispatcher:
                 expectedVersion=version, executionNumber=number, stepTimeoutInMinutes=step,
                 includeJobExecutionState=True)
         except ConflictException:
+            # VersionMismatch: the execution moved on since the list, the describe or the
+            # notification we claimed from (a stale notify-next). Never ours: decide afresh.
             log.info("claim lost a race, resyncing job_id=%s execution=%d", job_id, number)
             await self.journal.forget(key)  # never claimed: may be claimed later
-            self._wake.set()
+            self.wake("claim-conflict")
             return
         except _GONE as exc:
             log.info("job ended before it was claimed job_id=%s execution=%d reason=%s",
@@ -344,8 +440,11 @@ class Dispatcher:
         state = reply.get("executionState")
         # Asked for, but a reply without it still means "accepted": one version further.
         new_version = state["versionNumber"] if state else version + 1
-        await self.journal.update(key, version=new_version)  # "running" once spawned
-        self._launch(key, plan, new_version, step)
+        # The new version is committed with the first step's start (journal.started): no
+        # side effect between the two, so one commit (issue 12). A crash before it leaves
+        # "claiming", settled against the cloud by recovery as before.
+        self._launch(key, plan, new_version, step, queued_at=queued_at if isinstance(
+            queued_at, int) else None)
         log.info("job claimed job_id=%s execution=%d handler=%s form=%s step_timeout=%dm",
                  job_id, number, plan.operation, plan.form, step)
 
@@ -369,7 +468,7 @@ class Dispatcher:
                 f"not claimed yet: its describe failed ({why}) while describes without the "
                 f"document are answered; trying the other jobs first, then this one again "
                 f"(attempt {count} of {self._trouble.limit})"))
-            asyncio.get_running_loop().call_later(_RETRY_TROUBLED, self._wake.set)
+            asyncio.get_running_loop().call_later(_RETRY_TROUBLED, self.wake, "retry-troubled")
             return
         await self._end_unrun(summary_key(summary), described["versionNumber"], "REJECTED", (
             f"{_UNREADABLE}: {count} describes of it failed while describes without the "
@@ -399,14 +498,13 @@ class Dispatcher:
         status, version = await self._cloud_status(key, record)  # AgentError: next sync
         if status == "QUEUED":
             await self.journal.forget(key)  # not applied: claim it afresh
-            self._wake.set()
+            self.wake("claim-not-applied")
         elif status == "IN_PROGRESS" and version is not None:
             plan = self._plan_of(record)
             if isinstance(plan, str):
                 await self.journal.done(key)
                 return
-            await self.journal.update(key, version=version)
-            self._launch(key, plan, version, record.step_minutes)
+            self._launch(key, plan, version, record.step_minutes, queued_at=record.queued_at)
             log.info("claim confirmed job_id=%s execution=%d", *key)
         else:
             await self.journal.done(key)  # ended in the cloud meanwhile
@@ -416,9 +514,11 @@ class Dispatcher:
                         progress_interval=self.config.progress_interval, journal=self.journal)
 
     def _launch(self, key: ExecutionKey, plan: Plan, version: int, step_minutes: int, *,
-                start: int = 0, phase: str = "run") -> None:
+                start: int = 0, phase: str = "run", queued_at: int | None = None) -> None:
+        """Run ``plan`` from step ``start``; ``version`` (the cloud's, after the claim) is
+        committed with that step's start."""
         job = RunningJob(key, plan, self._reporter(key, version, step_minutes), step=start,
-                         phase=phase)
+                         phase=phase, queued_at=queued_at)
         self.running[key] = job
         job.task = asyncio.create_task(self._run(job), name=f"job:{key[0]}:{key[1]}")
 
@@ -513,7 +613,8 @@ class Dispatcher:
         step = job.plan.steps[job.step]
         job.process = HandlerProcess(self._request(job), on_progress=report)
         # Committed before the spawn: a crash from here on reads "may have started".
-        await self.journal.started(job.key, job.step, step.name, self.machine.boot_id())
+        await self.journal.started(job.key, job.step, step.name, self.machine.boot_id(),
+                                   version=job.reporter.version)
         await job.process.start()
         pid = job.process.pid
         await self.journal.update(job.key, pid=pid, pid_start=self.machine.start_time(pid))
@@ -578,7 +679,7 @@ class Dispatcher:
             self.delivering.pop(key, None)
             self._on_change()
             if reporter.gone.is_set() and not self._stopping:
-                self._wake.set()  # a new execution under the same key may be waiting for it
+                self.wake("gone")  # a new execution under the same key may be waiting for it
         if not delivered and not reporter.gone.is_set():
             log.warning("status still owed job_id=%s execution=%d; kept in the outbox for the "
                         "next start", *key)
@@ -586,10 +687,22 @@ class Dispatcher:
 
     def _done(self, job: RunningJob) -> None:
         self.running.pop(job.key, None)
+        self._ended.pop(job.key, None)
+        self._ended[job.key] = job.queued_at
+        if len(self._ended) > _ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
         self._finished_since_prune += 1
+        if self._finished_since_prune >= max(1, self.config.max_records // 10):
+            # A burst: prune now, not at the next sync (jobs claimed from notify-next may run
+            # for hours without one; issue 12 found the journal at 233 rows for 100).
+            self._spawn(self._maybe_prune())
         self._on_change()
-        if not self._stopping:
-            self._wake.set()  # capacity freed: look for the next job
+        if not self._stopping and self._deferred and job.reporter.gone.is_set():
+            # A slot freed without our final update: the cloud ended the job (its end changed
+            # the pending list before the handler stopped), and a QUEUED execution waits for
+            # the slot. After our own final update, the notifications it causes say what
+            # comes next (a sync on each end would cost a request per job).
+            self.wake("slot-freed")
 
     async def _forget_safely(self, key: ExecutionKey) -> None:
         with contextlib.suppress(JournalError):
@@ -692,12 +805,11 @@ class Dispatcher:
             await self.journal.done(key)
         elif action.kind in ("run", "verify"):
             assert not isinstance(plan, str)  # plan_recovery reports those FAILED
-            await self.journal.update(key, version=action.version)
             if action.completed is not None:  # the reboot or restart it asked for happened
                 await self.journal.step_ended(key, action.completed, "succeeded",
                                               "done, as the step asked: " + record.state)
             self._launch(key, plan, action.version, record.step_minutes, start=action.step,
-                         phase=action.kind)
+                         phase=action.kind, queued_at=record.queued_at)
         elif action.kind == "report":
             reporter = self._reporter(key, action.version or record.version, record.step_minutes)
             if action.status is not None:
@@ -737,7 +849,7 @@ class Dispatcher:
                 statusDetails={"reason": sanitize_detail(reason, "start")},
                 expectedVersion=version, executionNumber=number)
         except ConflictException:
-            self._wake.set()  # it changed meanwhile: decide again from a fresh list
+            self.wake("conflict")  # it changed meanwhile: decide again from a fresh list
         except _GONE:
             pass  # already ended in the cloud: nothing to say
         else:

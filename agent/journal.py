@@ -415,14 +415,18 @@ class Journal:
                            (*fields.values(), *key)))
 
     async def started(self, key: tuple[str, int], step: int, name: str,
-                      boot_id: str | None) -> None:
+                      boot_id: str | None, *, version: int | None = None) -> None:
         """Step ``step`` of the plan is about to start: committed before its program can do
         anything that matters (see runner.start). Counts a start of the execution and of the
-        step; the pid is recorded once known (:meth:`update`)."""
+        step; the pid is recorded once known (:meth:`update`). ``version``: the cloud's
+        version of the execution, in the same commit (after a claim, it was its own commit
+        with nothing between the two: issue 12)."""
         now = self._clock()
+        bump = "version=?, " if version is not None else ""
         await self._write(
-            ("UPDATE executions SET state='running', attempts=attempts+1, pid=NULL, "
-             f"pid_start=NULL, boot_id=?, updated_at=? WHERE {_CURRENT}", (boot_id, now, *key)),
+            (f"UPDATE executions SET state='running', {bump}attempts=attempts+1, pid=NULL, "
+             f"pid_start=NULL, boot_id=?, updated_at=? WHERE {_CURRENT}",
+             (*((version,) if version is not None else ()), boot_id, now, *key)),
             ("INSERT INTO steps (execution_id, step, name, state, attempts, updated_at) "
              f"VALUES ({_CURRENT_ID},?,?,'running',1,?) ON CONFLICT (execution_id, step) DO "
              "UPDATE SET state='running', attempts=attempts+1, reason=NULL, "

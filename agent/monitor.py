@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from agent.config import Config
 from agent.errors import JournalError
 from agent.files import write_atomic
-from agent.inspect import owed
 from agent.journal import Journal
 from agent.metrics import Figures, outcome_of, render
 from agent.procfs import boot_id, process_start_time
@@ -147,11 +146,18 @@ class Monitor:
             self._dirty = False
             self.changed()
 
+    async def _owed(self) -> int:
+        """Status updates owed (the outbox), for the metrics file only: :mod:`agent.inspect` is
+        imported then, not by every agent (idle RSS, issue 12)."""
+        from agent.inspect import owed
+
+        return (await self.journal.read(owed)).count
+
     async def _flush(self) -> None:
         outbox = None
         if self.config.metrics_file is not None:
             try:
-                outbox = (await self.journal.read(owed)).count
+                outbox = await self._owed()
             except JournalError as exc:
                 log.debug("outbox size unknown: %s", exc)
         self._write_files(outbox)
@@ -170,7 +176,7 @@ class Monitor:
         outbox = None
         if self.config.metrics_file is not None:
             with contextlib.suppress(JournalError):
-                outbox = (await self.journal.read(owed)).count
+                outbox = await self._owed()
         self._write_files(outbox)
 
     def _write_files(self, outbox: int | None) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from typing import Any
 
@@ -43,6 +42,8 @@ RETRY_MAX = 60.0
 
 def backoff(attempt: int, low: float = RETRY_MIN, high: float = RETRY_MAX) -> float:
     """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
+    import random  # only once something failed: an agent that never retries never loads it
+
     return random.uniform(0, min(high, low * 2 ** min(attempt, 16)))
 
 

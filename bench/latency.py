@@ -3,24 +3,28 @@
 The handler's first action writes bash's ``$EPOCHREALTIME`` (CLOCK_REALTIME, shared by every
 process on the machine) to a file; the job's clock starts with ``time.time()`` just before the
 emulator is asked to queue it. Jobs go one at a time to an idle agent, so each sample is the
-whole path: notification, the agent's sync (get), describe, journal commit, claim (update),
-two more commits, spawn.
+whole path: the notify-next, the claim's journal commit, the claim (update), the commit of
+"running", spawn.
 
-The floor is what no agent can beat: one raw request round trip (section 1's floor) plus the
-time to spawn the very same handler process, measured here with ``subprocess.Popen``.
+The floor is measured the same way (issue 12): a raw device (:mod:`bench.raw_device` ``--jobs``)
+on its own thing, a bare awscrt client that claims from notify-next and spawns the same handler
+with ``subprocess.Popen`` once the claim is accepted: the notification's one way, one claim
+round trip, the spawn. Beside it, the computed floor of issue 5 (one raw round trip, section
+1's, plus the spawn alone).
 """
 
 from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentile, ratio, summary
+from bench.common import PYTHON, Child, percentile, ratio, summary
 from bench.world import World
 
-__all__ = ["queue_to_handler", "run", "spawn_floor", "stamp_handler"]
+__all__ = ["queue_to_handler", "raw_jobs_device", "run", "spawn_floor", "stamp_handler"]
 
 THING = "bench-latency"
 STAMP = 'printf "%s\\n" "$EPOCHREALTIME" > "$1"\n'
@@ -61,15 +65,29 @@ def stamp_handler(world: World) -> tuple[Path, dict[str, Any], Path]:
     return handler, {"stamp": {"command": [str(handler)], "timeout": "1m"}}, stamps
 
 
+def raw_jobs_device(world: World, config: Path, handler: Path | None = None) -> Child:
+    """The floor's device (:mod:`bench.raw_device` ``--jobs``), started and subscribed; it runs
+    ``handler`` (default: :func:`stamp_handler`'s) with the document's ``args``."""
+    handler = handler or world.dir / "handlers" / "stamp.sh"
+    child = world.start_child("raw-jobs-device", [
+        PYTHON, "-m", "bench.raw_device", "--jobs", "--config", str(config), "--handler",
+        str(handler)], config.parent / "raw-jobs-device.log", stdout_pipe=True)
+    assert child.process.stdout is not None
+    if child.process.stdout.readline().strip() != b"ready":
+        raise RuntimeError(f"the raw Jobs device did not start:\n{child.tail()}")
+    return child
+
+
 def queue_to_handler(world: World, thing: str, config: Path, samples: int,
-                     idle: float = 0.05) -> list[float]:
+                     idle: float = 0.05,
+                     start: Callable[[World, Path], Child] | None = None) -> list[float]:
     """Seconds from queuing a job to its handler running, ``samples`` jobs one at a time.
 
-    ``idle``: the pause after each job, so that the agent's post-job sync (it finds nothing)
-    is over before the next job is queued.
+    ``idle``: the pause after each job, so that whatever its end causes is over before the
+    next job is queued. ``start``: the device (default: the agent, once ready).
     """
     stamps = world.dir / "stamps"
-    agent = world.ready_agent(config)
+    agent = (start or (lambda w, c: w.ready_agent(c)))(world, config)
     latencies = []
     for index in range(samples + 2):
         stamp = stamps / f"{thing}-job-{index}"
@@ -90,19 +108,23 @@ def queue_to_handler(world: World, thing: str, config: Path, samples: int,
 def run(world: World, samples: int, floor_rt: dict[str, Any] | None) -> dict[str, Any]:
     handler, handlers, stamps = stamp_handler(world)
     config = world.thing_config(THING, handlers)
+    floor_config = world.thing_config(THING + "-floor", handlers)
     spawn = spawn_floor(handler, stamps, samples)
     latencies = queue_to_handler(world, THING, config, samples)
-    ours, spawn_s = summary(latencies), summary(spawn)
+    raw = queue_to_handler(world, THING + "-floor", floor_config, samples,
+                           start=raw_jobs_device)
+    ours, spawn_s, raw_s = summary(latencies), summary(spawn), summary(raw)
     rt = floor_rt or {"p50_ms": None, "p99_ms": None}
-    floor_p50 = rt["p50_ms"] + spawn_s["p50_ms"] if rt["p50_ms"] is not None else None
-    floor_p99 = rt["p99_ms"] + spawn_s["p99_ms"] if rt["p99_ms"] is not None else None
+    computed_p50 = rt["p50_ms"] + spawn_s["p50_ms"] if rt["p50_ms"] is not None else None
     return {
         "queue_to_handler": ours,
         "spawn": spawn_s,
-        "floor_p50_ms": round(floor_p50, 4) if floor_p50 is not None else None,
-        "floor_p99_ms": round(floor_p99, 4) if floor_p99 is not None else None,
-        "ratio_p50": ratio(ours["p50_ms"], floor_p50),
-        "ratio_p99": ratio(ours["p99_ms"], floor_p99),
+        "raw_device": raw_s,
+        "floor_p50_ms": raw_s["p50_ms"],
+        "floor_p99_ms": raw_s["p99_ms"],
+        "computed_floor_p50_ms": round(computed_p50, 4) if computed_p50 is not None else None,
+        "ratio_p50": ratio(ours["p50_ms"], raw_s["p50_ms"]),
+        "ratio_p99": ratio(ours["p99_ms"], raw_s["p99_ms"]),
         "target_p50": 1.5,
         "samples": len(latencies),
         "spawn_p50_share_of_ours": round(percentile(spawn, 0.5) / percentile(latencies, 0.5), 3),

@@ -4,7 +4,10 @@ On a metered link every packet costs. The agent runs no-op jobs queued one at a 
 device mostly sees them); Mosquitto's own log (``log_type all``) counts every packet it
 received from and sent to the agent's client id, and an emulated link (:mod:`agent.sandbox.link`,
 no delay) in front of the broker counts the bytes on the wire, TLS included. The awsiotsdk
-sample loop (:mod:`bench.sample_loop`) is measured the same way beside it.
+sample loop (:mod:`bench.sample_loop`) is measured the same way beside it, and so is the
+protocol's minimum in bytes: the raw Jobs device (:mod:`bench.raw_device` ``--jobs``), which
+claims from notify-next and sends the final update and nothing else (it does not subscribe to
+``notify``, which a device running more than one job at a time, or told of cancellations, needs).
 
 The protocol minimum per job: the device sends 2 PUBLISH (the claim and the final update) and
 must acknowledge 3 QoS 1 messages (the notification that announces the job, the two replies):
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Child, count_packets, ratio
+from bench.latency import raw_jobs_device
 from bench.throughput import DOCUMENT, NOOP, start_sample
 from bench.world import World
 
@@ -71,9 +75,15 @@ def run(world: World, jobs: int) -> dict[str, Any]:
     agent = _measure(world, "bench-packets-agent", jobs,
                      lambda w, config: w.ready_agent(config))
     sample = _measure(world, "bench-packets-sample", jobs, start_sample)
+    raw = _measure(world, "bench-packets-raw", jobs,
+                   lambda w, config: raw_jobs_device(w, config, Path("/bin/true")))
     return {
         "agent": agent,
         "sample": sample,
+        "raw_device": raw,
+        "bytes_up_ratio": ratio(agent["wire_bytes_up_per_job"], raw["wire_bytes_up_per_job"]),
+        "bytes_down_ratio": ratio(agent["wire_bytes_down_per_job"],
+                                  raw["wire_bytes_down_per_job"]),
         "minimum_requests_per_job": MIN_REQUESTS,
         "minimum_packets_both_ways_per_job": MIN_PACKETS_BOTH_WAYS,
         "ratio": ratio(agent["requests_per_job"], MIN_REQUESTS),

@@ -29,9 +29,18 @@ def client_run(world: World, config: Path, mode: str, calls: int,
             *flags: str) -> tuple[list[float], dict[str, float]]:
     """One child run: latencies after the warm-up, and broker operations per request."""
     log = world.broker_log
-    offset = log.stat().st_size
-    out = run_json([PYTHON, "-m", "bench.rt_client", "--config", str(config), "--mode", mode,
-                    "--calls", str(calls + WARMUP), *flags], timeout=60 + calls * 0.2)
+    argv = [PYTHON, "-m", "bench.rt_client", "--config", str(config), "--mode", mode,
+            "--calls", str(calls + WARMUP), *flags]
+    # awscrt's own request-response client (the side figure's subject, not our code) died of
+    # SIGSEGV in about 1 run in 10 of this section: one more try keeps the run's figures.
+    for attempt in range(2 if mode == "rr-client" else 1):
+        offset = log.stat().st_size
+        try:
+            out = run_json(argv, timeout=60 + calls * 0.2)
+            break
+        except RuntimeError:
+            if attempt or mode != "rr-client":
+                raise
     # Only the requester's own operations: the echo responder's reply is the floor's "service".
     count = count_packets(log, offset, out["client_ids"][0])
     per_request = {k.lower(): round(count.sent.get(k, 0) / (calls + WARMUP), 2)
@@ -61,7 +70,7 @@ def run(world: World, calls: int, rounds: int, extra_calls: int) -> dict[str, An
         "raw_echo": floor_s,
         "ratio_p50": ratio(ours_s["p50_ms"], floor_s["p50_ms"]),
         "ratio_p99": ratio(ours_s["p99_ms"], floor_s["p99_ms"]),
-        "target_p50": 1.2,
+        "target_p50": 1.1,
         "raw_emulator": summary(service),
         "rr_client": summary(crt),
         "raw_echo_nagle": summary(nagle),

@@ -23,8 +23,9 @@ __all__ = ["JOURNAL_COMMITS_PER_JOB", "commit_cost", "run"]
 
 NOOP = {"noop": {"command": ["/bin/true"], "timeout": "1m"}}
 DOCUMENT = {"operation": "noop"}
-JOURNAL_COMMITS_PER_JOB = 6
-"""claiming, running, started, pid, finish (+ outbox), delivered: see agent/dispatcher.py."""
+JOURNAL_COMMITS_PER_JOB = 5
+"""claiming, started (+ the claimed version; issue 12 merged them), pid, finish (+ outbox),
+delivered: see agent/dispatcher.py and tests/unit/test_dispatcher.py::test_commits_per_job."""
 
 
 def commit_cost(directory: Path, commits: int = 300) -> float:

@@ -35,18 +35,23 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert sections["roundtrip"]["jobs_client"]["n"] > 0
     assert sections["roundtrip"]["raw_echo"]["p50_ms"] > 0
     assert sections["latency"]["queue_to_handler"]["p50_ms"] > 0
+    assert sections["latency"]["raw_device"]["n"] == results["sizes"]["latency_samples"]
     for consumer in ("agent", "sample"):  # every job ran; the broker counted its packets
         packets = sections["packets"][consumer]
         assert packets["statuses"] == {"SUCCEEDED": packets["jobs"]}
         assert packets["sent_per_job"]["PUBLISH"] >= 2 and packets["wire_bytes_up_per_job"] > 0
+    raw = sections["packets"]["raw_device"]  # the minimum: claim and final update only
+    assert raw["statuses"] == {"SUCCEEDED": raw["jobs"]} and raw["sent_per_job"]["PUBLISH"] == 2
     for link in sections["link"]["links"]:
         assert link["raw_echo"]["p50_ms"] >= link["rtt_ms"]  # the link really delays
         assert link["queue_to_handler"]["p50_ms"] > 0
+        assert link["raw_device"]["p50_ms"] >= link["rtt_ms"]  # its claim crossed the link
     for consumer in ("agent", "sample"):
         assert sections["throughput"][consumer]["statuses"] == {
             "SUCCEEDED": sections["throughput"][consumer]["jobs"]}
     assert sections["idle"]["agent_rss_mb"] > 0 and sections["idle"]["bare_rss_mb"] > 0
     assert sections["startup"]["agent_p50_ms"] > 0 and sections["startup"]["bare_p50_ms"] > 0
+    assert sections["startup"]["agent_ready_p50_ms"] >= sections["startup"]["agent_p50_ms"]
     assert [stage["jobs"] for stage in sections["flatness"]["stages"]] == [
         results["sizes"]["flat_first"], results["sizes"]["flat_total"]]
     commands = sections["commands"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +135,8 @@ def current() -> Backend:
 def under_systemd() -> bool:
     """Started by systemd as a service of the system manager, which can start transient units
     for us: ``INVOCATION_ID`` is set, ``/run/systemd/system`` exists, and we are root."""
+    import shutil  # here: shutil brings bz2 and lzma, which an idle agent never needs
+
     return (bool(os.environ.get("INVOCATION_ID")) and Path("/run/systemd/system").is_dir()
             and os.geteuid() == 0 and shutil.which("systemd-run") is not None)
 

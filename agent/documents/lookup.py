@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -65,6 +64,8 @@ class SystemHost:
         return program_problem(program)
 
     def which(self, name: str, search: str) -> str | None:
+        import shutil  # here, not at the top: shutil loads bz2 and lzma (0.65 MB of idle RSS)
+
         return shutil.which(name, path=search)
 
     def user_exists(self, name: str) -> bool:

@@ -5,15 +5,16 @@ session on the agent's own connection (:class:`agent.subscriptions.Subscriptions
 ``T``, ``$aws/things/T/jobs/+/accepted``, ``+/rejected``, ``+/+/accepted`` and ``+/+/rejected``
 (every reply topic of the four operations), plus ``notify`` and ``notify-next`` once
 :meth:`JobsClient.open_streams` is called: six filters, one SUBSCRIBE. A reply is matched to its
-request by the ``clientToken`` we generate (a uuid4) and the topic it arrives on.
+request by the ``clientToken`` we generate (128 random bits, hex) and the topic it arrives on.
 
 awscrt's request-response client, which this replaces (as awsiotsdk's ``IotJobsClientV2`` uses
 it), subscribes and unsubscribes the reply filter around every request: three packets and three
 round trips per request where one will do (issue 12). It also parsed replies in C, and dropped
 one it could not parse (a lone UTF-16 surrogate, nesting beyond its limit), so the request timed
 out 30 s later; here a reply we cannot parse fails the request it answers at once with
-:class:`InvalidResponseError`: our tokens are uuid4s, so when the JSON cannot be read we look
-for a pending request's token in the raw bytes that arrived on that request's reply topic.
+:class:`InvalidResponseError`: our tokens are random and unique, so when the JSON cannot be
+read we look for a pending request's token in the raw bytes that arrived on that request's
+reply topic.
 
 We never used ``IotJobsClientV2`` itself: it turns every time into a naive local ``datetime``
 (``fromtimestamp``), wrong across time zones and DST, while boto3 returns integer epoch seconds.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -75,9 +76,10 @@ class JobsEvent:
     "timestamp"}``), ``notify-next`` (body ``{"execution": {...}, "timestamp"}``, no
     ``execution`` when nothing is pending), or ``subscribed`` / ``subscription-lost`` /
     ``subscription-halted`` for a stream's subscription state (body ``{"stream": kind}``), so a
-    consumer can re-synchronise after a gap. ``subscription-halted``: the broker refused the
-    stream (logged once as an error naming the policy action); it is tried again at the next
-    connect.
+    consumer can re-synchronise after a gap, or ``malformed`` (body ``{"stream": kind}``) for a
+    notification that could not be read (logged as a warning). ``subscription-halted``: the
+    broker refused the stream (logged once as an error naming the policy action); it is tried
+    again at the next connect.
     """
 
     kind: str
@@ -182,7 +184,7 @@ class JobsClient:
 
     async def _request(self, operation: str, thing: str, topic: str,
                        body: dict[str, Any]) -> dict[str, Any]:
-        token = str(uuid.uuid4())
+        token = _new_token()
         payload = json.dumps({**body, "clientToken": token}).encode()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
@@ -368,8 +370,18 @@ class JobsClient:
             reason = exc.message if isinstance(exc, InvalidResponseError) else "not valid JSON"
             log.warning("ignoring malformed %s message bytes=%d reason=%s", kind, len(raw),
                         reason)
+            # What it meant is unknown, so the pending list is asked instead: a job whose
+            # notify-next cannot be read (its document too deep for the parser) still runs
+            # or is REJECTED by the sync, not only at the safety poll.
+            self._put(JobsEvent("malformed", {"stream": kind}))
             return
         self._put(JobsEvent(kind, body))
+
+
+def _new_token() -> str:
+    """A clientToken: 128 random bits, as unique as a uuid4, without the uuid module (it imports
+    ``platform``: idle RSS, issue 12)."""
+    return os.urandom(16).hex()
 
 
 def _expire(reply: asyncio.Future[Any]) -> None:

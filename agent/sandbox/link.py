@@ -126,6 +126,13 @@ class Link:
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
                       ) -> None:
+        # Cancelled only by _shutdown. Python 3.11's start_server logs a cancelled connection
+        # callback as "Exception in callback" with a traceback: end it quietly instead.
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._relay(client_r, client_w)
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+                     ) -> None:
         try:
             broker_r, broker_w = await asyncio.open_connection(self.host, self.target_port)
         except OSError:

@@ -13,8 +13,6 @@ import logging
 import re
 import subprocess
 import sys
-import types
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +81,14 @@ def test_each_request_is_one_publish_at_the_broker(thing: Thing) -> None:
 def record_tokens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The clientTokens the Jobs client generates from now on, in order."""
     issued: list[str] = []
+    original = client_module._new_token
 
-    def uuid4() -> uuid.UUID:
-        value = uuid.uuid4()
-        issued.append(str(value))
+    def new_token() -> str:
+        value = original()
+        issued.append(value)
         return value
 
-    monkeypatch.setattr(client_module, "uuid", types.SimpleNamespace(uuid4=uuid4))
+    monkeypatch.setattr(client_module, "_new_token", new_token)
     return issued
 
 

@@ -8,12 +8,16 @@ import pytest
 
 from agent.claims import (
     DESCRIBE_ATTEMPTS,
+    LISTED_MAX,
     InProgress,
+    Notice,
     Queued,
     Trouble,
     document_problem,
     identity,
     in_progress_verdict,
+    next_notice,
+    notify_notice,
     queued_verdict,
     same_execution,
 )
@@ -151,3 +155,118 @@ def test_troubled_executions_go_last_in_service_order() -> None:
 def test_document_problem(text: str | None, problem: str | None) -> None:
     found = document_problem(text)
     assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+# ---------------------------------------------------------------------- notifications (issue 12)
+
+def execution(job: str = "q", number: int = 1, *, status: str = "QUEUED", queued_at: int = 100,
+              document: str | None = '{"operation": "h"}') -> dict[str, Any]:
+    out: dict[str, Any] = {"jobId": job, "executionNumber": number, "status": status,
+                           "queuedAt": queued_at, "versionNumber": 1}
+    if document is not None:
+        out["jobDocument"] = document
+    return out
+
+
+def listed(*executions: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    jobs: dict[str, list[dict[str, Any]]] = {}
+    for e in executions:
+        jobs.setdefault(e["status"], []).append(
+            {k: v for k, v in e.items() if k not in ("status", "jobDocument")})
+    return jobs
+
+
+def test_notify_next_with_a_new_queued_head_is_claimed_from_the_message() -> None:
+    assert next_notice(execution(), held={}, running=[], free=1) is Notice.CLAIM
+    assert next_notice(execution(), held={}, running=[], free=0) is Notice.DEFER
+
+
+def test_notify_next_for_what_is_held_here_asks_nothing() -> None:
+    held = {("q", 1): 100}
+    assert next_notice(execution(), held=held, running=[("q", 1)], free=0) is Notice.NOTHING
+    assert next_notice(execution(status="IN_PROGRESS"), held=held, running=[("q", 1)],
+                       free=0) is Notice.NOTHING
+    assert next_notice(execution(), held={("q", 1): None}, running=[], free=1) is Notice.NOTHING
+
+
+def test_notify_next_for_a_reused_key_is_left_to_a_sync() -> None:
+    assert next_notice(execution(queued_at=200), held={("q", 1): 100}, running=[("q", 1)],
+                       free=1) is Notice.SYNC
+
+
+def test_notify_next_that_contradicts_running_handlers_asks_a_sync() -> None:
+    # The head is QUEUED (or nothing is pending) while a handler runs: the cloud ended it.
+    assert next_notice(None, held={("r", 1): 5}, running=[("r", 1)], free=0) is Notice.SYNC
+    assert next_notice(execution(), held={("r", 1): 5}, running=[("r", 1)],
+                       free=1) is Notice.SYNC
+    assert next_notice(None, held={}, running=[], free=1) is Notice.NOTHING
+    # A concluding job (its handler ended) is held but no longer running.
+    assert next_notice(None, held={("r", 1): 5}, running=[], free=1) is Notice.NOTHING
+
+
+def test_notify_next_without_a_document_or_in_progress_unknown_syncs() -> None:
+    assert next_notice(execution(document=None), held={}, running=[], free=1) is Notice.SYNC
+    assert next_notice(execution(status="IN_PROGRESS"), held={}, running=[],
+                       free=1) is Notice.SYNC
+
+
+def test_notify_listing_only_the_new_head_waits_for_notify_next() -> None:
+    assert notify_notice(listed(execution()), held={}, running=[], free=1) is Notice.NOTHING
+    assert notify_notice({}, held={}, running=[], free=1) is Notice.NOTHING
+
+
+def test_notify_listing_a_claimable_execution_notify_next_will_not_bring_syncs() -> None:
+    ours = execution("r", status="IN_PROGRESS", queued_at=5)
+    held = {("r", 1): 5}
+    # Behind our running job: the head stays ours, no notify-next comes for q.
+    assert notify_notice(listed(ours, execution()), held=held, running=[("r", 1)],
+                         free=1) is Notice.SYNC
+    # Second in line behind a new head.
+    assert notify_notice(listed(execution("a"), execution("b")), held={}, running=[],
+                         free=2) is Notice.SYNC
+
+
+def test_notify_of_a_new_head_and_more_syncs_only_for_a_second_free_slot() -> None:
+    """The head takes the one free slot (from notify-next, which may come after this notify);
+    the others wait for the notification the end of a job brings."""
+    jobs = listed(execution("a"), execution("b"), execution("c"))
+    assert notify_notice(jobs, held={}, running=[], free=1) is Notice.NOTHING
+    assert notify_notice(jobs, held={}, running=[], free=2) is Notice.SYNC
+    many = listed(*[execution(f"q{i}") for i in range(LISTED_MAX)])
+    assert notify_notice(many, held={}, running=[], free=1) is Notice.NOTHING
+
+
+def test_notify_sent_before_our_final_status_leaves_the_head_to_notify_next() -> None:
+    """A notify listing our ended execution IN_PROGRESS (sent before our final update was
+    applied) and a full queue behind it: the first QUEUED is the head now."""
+    ended = execution("e", status="IN_PROGRESS", queued_at=5)
+    jobs = listed(ended, *[execution(f"q{i}") for i in range(LISTED_MAX - 1)])
+    held = {("e", 1): 5}
+    assert notify_notice(jobs, held=held, running=[], free=1,
+                         ended=[("e", 1)]) is Notice.NOTHING
+    assert notify_notice(jobs, held=held, running=[], free=1) is Notice.SYNC
+
+
+def test_notify_without_a_free_slot_waits_for_the_notification_a_slot_brings() -> None:
+    ours = execution("r", status="IN_PROGRESS", queued_at=5)
+    assert notify_notice(listed(ours, execution()), held={("r", 1): 5}, running=[("r", 1)],
+                         free=0) is Notice.NOTHING
+
+
+def test_notify_that_contradicts_what_is_held_syncs() -> None:
+    ours = execution("r", status="IN_PROGRESS", queued_at=5)
+    # Our running job is no longer listed: canceled?
+    assert notify_notice(listed(execution()), held={("r", 1): 5}, running=[("r", 1)],
+                         free=0) is Notice.SYNC
+    # An IN_PROGRESS execution this device does not hold.
+    assert notify_notice(listed(ours), held={}, running=[], free=1) is Notice.SYNC
+    # Our key, another execution.
+    assert notify_notice(listed(execution("r", queued_at=9)), held={("r", 1): 5}, running=[],
+                         free=0) is Notice.SYNC
+
+
+def test_notify_with_a_full_list_and_a_free_slot_syncs() -> None:
+    many = [execution(f"q{i}") for i in range(LISTED_MAX)]
+    held = {("q0", 1): 100}
+    assert notify_notice(listed(*many), held=held, running=[], free=1) is Notice.SYNC
+    assert notify_notice(listed(*many), held=held, running=[], free=0) is Notice.NOTHING

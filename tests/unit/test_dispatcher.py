@@ -50,6 +50,7 @@ class ServiceJobs:
         self.service = service
         self.rules: list[tuple[Callable[[str, dict[str, Any]], bool], Exception]] = []
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.published: list[Any] = []  # the notifications the service sent, in order
 
     def fail(self, operation: str, error: Exception, **match: Any) -> None:
         """Every ``operation`` request whose arguments include ``match`` raises ``error``."""
@@ -67,6 +68,8 @@ class ServiceJobs:
             raise error_from_rejection(rejection.code, rejection.message,
                                        execution_state=rejection.execution_state) from None
         payload = result[0] if isinstance(result, tuple) else result
+        if isinstance(result, tuple):
+            self.published.extend(result[1])
         # As the MQTT front sends it: the service keeps documents as Document text.
         return json.loads(dumps(payload))
 
@@ -115,6 +118,8 @@ class GatedJournal(Journal):
 
 
 class World:
+    journal_class: type[GatedJournal] = GatedJournal
+
     def __init__(self, tmp: Path, **settings: Any) -> None:
         self.clock = Clock()
         # Deletions complete at the next tick (see delete), not DELETION_SECONDS later.
@@ -130,8 +135,8 @@ class World:
                                                                key=Path("k")),
                              handlers={"ok": HandlerConfig(command=(str(handler),))},
                              state_dir=tmp / "state", **settings)
-        self.journal = GatedJournal(tmp / "state" / "journal.db", thing_name=THING,
-                                    endpoint="e")
+        self.journal = self.journal_class(tmp / "state" / "journal.db", thing_name=THING,
+                                          endpoint="e")
         self.dispatcher: Dispatcher | None = None
 
     async def __aenter__(self) -> World:
@@ -148,8 +153,24 @@ class World:
         return self.dispatcher
 
     def create(self, job_id: str, document: dict[str, Any] | None = None) -> None:
-        self.service.create_job(job_id, [THING], document or DOC)
+        self.jobs.published.extend(self.service.create_job(job_id, [THING], document or DOC))
         self.clock.now += 1
+
+    def operations(self) -> list[str]:
+        return [op for op, _ in self.jobs.calls]
+
+    async def notify(self, *, only: str | None = None) -> None:
+        """Hand the notifications sent so far (of kind ``only``, or all) to the dispatcher, as
+        the MQTT front and the Jobs client would, and let it act on them once."""
+        for publish in self.jobs.published:
+            kind = publish.topic.rsplit("/", 1)[1]
+            if only not in (None, kind):
+                continue
+            body = json.loads(dumps(publish.payload))
+            self.d.notified(kind, shapes.notify_event(body) if kind == "notify"
+                            else shapes.notify_next_event(body))
+        self.jobs.published.clear()
+        await self.d.step()
 
     def delete(self, job_id: str) -> None:
         """Delete the job and let the deletion complete, so its id may be used again."""
@@ -166,6 +187,13 @@ class World:
                 return
             await asyncio.sleep(0.01)
         raise AssertionError(f"still running {list(self.d.running)}")
+
+    def gated_handler(self, name: str, gate: Path) -> None:
+        """Handler ``name`` runs until the file ``gate`` exists."""
+        path = self.runs.parent / f"{name}.sh"
+        path.write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.02; done\n")
+        path.chmod(0o755)
+        self.config.handlers[name] = HandlerConfig(command=(str(path),))
 
     def ran(self) -> list[str]:
         return self.runs.read_text().split() if self.runs.exists() else []
@@ -209,10 +237,7 @@ def test_cloud_end_while_the_handler_runs_still_stops_it(tmp_path: Path,
 
     async def body() -> None:
         async with World(tmp_path) as w:
-            slow = tmp_path / "slow.sh"
-            slow.write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.02; done\n")
-            slow.chmod(0o755)
-            w.config.handlers["slow"] = HandlerConfig(command=(str(slow),))
+            w.gated_handler("slow", gate)
             w.create("j1", {"operation": "slow"})
             await w.d.sync()
             for _ in range(200):
@@ -466,3 +491,232 @@ def test_queued_job_left_unclaimed_is_never_silent(tmp_path: Path,
     lines = [r for r in caplog.records if "not claimed: this device already claimed" in
              r.message]
     assert len(lines) == 1 and lines[0].levelname == "WARNING"
+
+
+# ---------------------------------------------------------------------- issue 12, item 2
+
+async def _started(w: World) -> None:
+    """Recovered and synced once, as after start-up; the calls so far forgotten."""
+    w.d.wake("start")
+    await w.d.step()
+    w.jobs.calls.clear()
+
+
+def test_notify_next_is_claimed_straight_from_the_message(tmp_path: Path) -> None:
+    """No get and no describe: the claim is the first request, the final update the second,
+    and the notifications the job's end causes ask for nothing."""
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            await _started(w)
+            w.create("j1")
+            await w.notify()  # notify (the head alone) and notify-next (claimed from it)
+            await w.idle()
+            await w.notify()  # its end: notify (empty) and notify-next (nothing pending)
+            assert w.operations() == ["update", "update"]
+            claim = w.jobs.updates("j1")[0]
+            assert claim["status"] == "IN_PROGRESS" and claim["expectedVersion"] == 1
+            assert not claim.get("includeJobDocument")
+            assert w.status("j1")["status"] == "SUCCEEDED" and w.ran() == ["j1"]
+            record = await w.journal.get(("j1", 1))
+            assert record is not None and record.queued_at == w.status("j1")["queuedAt"]
+
+    run(body())
+
+
+def test_notify_alone_is_a_sync_when_the_head_is_not_all(tmp_path: Path) -> None:
+    """Two jobs at once with two slots: the second is not the head, no notify-next brings it,
+    so the notify syncs (the pending list, a describe for its document); each runs once."""
+    async def body() -> None:
+        async with World(tmp_path, max_concurrent_jobs=2) as w:
+            await _started(w)
+            w.create("j1")
+            w.create("j2")
+            await w.notify()
+            await w.idle()
+            await w.notify()
+            assert sorted(w.ran()) == ["j1", "j2"]
+            assert w.operations().count("get") == 1
+            assert [c["jobId"] for op, c in w.jobs.calls if op == "describe"] == ["j2"]
+            assert all(w.status(j)["status"] == "SUCCEEDED" for j in ("j1", "j2"))
+
+    run(body())
+
+
+def test_stale_notify_next_never_claims_twice(tmp_path: Path) -> None:
+    """A notify-next that arrives again after its execution was claimed (duplicate, late, or
+    after a sync took it) is ours already: nothing is sent for it."""
+    async def body() -> None:
+        async with World(tmp_path, max_concurrent_jobs=2) as w:
+            await _started(w)
+            w.create("j1")
+            late = list(w.jobs.published)
+            await w.notify()
+            w.jobs.published.extend(late)  # the same notifications, again, while it runs
+            await w.notify()
+            await w.idle()
+            w.jobs.published.extend(late)  # and once more after it ended
+            await w.notify()
+            await w.idle()
+            assert [u["status"] for u in w.jobs.updates("j1")] == ["IN_PROGRESS", "SUCCEEDED"]
+            assert w.ran() == ["j1"]
+
+    run(body())
+
+
+def test_claim_from_an_outdated_notify_next_is_refused_and_resynced(tmp_path: Path) -> None:
+    """The execution is not at the version its notify-next said (a message from before it
+    moved on): the claim's expectedVersion is refused (VersionMismatch), nothing runs from the
+    message, and the sync that follows decides from the cloud's list."""
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            await _started(w)
+            w.create("j1")
+            for publish in w.jobs.published:
+                if "execution" in publish.payload:
+                    publish.payload["execution"]["versionNumber"] = 7
+            await w.notify(only="notify-next")  # the claim, refused, then the sync it asks
+            await w.idle()
+            assert w.ran() == ["j1"]
+            assert [u.get("expectedVersion") for u in w.jobs.updates("j1")][:2] == [7, 1]
+            assert w.operations()[:3] == ["update", "get", "describe"]
+
+    run(body())
+
+
+def test_bad_document_in_notify_next_is_rejected_and_the_next_job_runs(tmp_path: Path) -> None:
+    """A document this device cannot run ends its execution REJECTED from QUEUED (never
+    claimed); the next job's notify-next is claimed as usual."""
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            await _started(w)
+            w.create("bad", {"operation": "no-such-handler"})
+            await w.notify()
+            assert w.status("bad")["status"] == "REJECTED"
+            w.create("good")
+            await w.notify()
+            await w.idle()
+            assert w.ran() == ["good"]
+            assert [u["status"] for u in w.jobs.updates("bad")] == ["REJECTED"]
+
+    run(body())
+
+
+async def _running_gated(w: World, gate: Path) -> None:
+    """Started, with j1 claimed from its notify-next and its handler held until ``gate``."""
+    w.gated_handler("slow", gate)
+    await _started(w)
+    w.create("j1", {"operation": "slow"})
+    await w.notify()
+    assert ("j1", 1) in w.d.running
+
+
+def test_queued_jobs_behind_a_running_one_come_with_its_end(tmp_path: Path) -> None:
+    """Two slots' worth of jobs behind one running handler with one slot: nothing is asked while
+    it runs; its end's notify-next brings the next, claimed from the message."""
+    gate = tmp_path / "gate"
+
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            await _running_gated(w, gate)
+            w.create("j2")
+            w.create("j3")
+            await w.notify()  # two notify: j2 and j3 wait, nothing is asked
+            assert w.operations() == ["update"]
+            gate.touch()
+            for _ in range(3):  # each end's notifications bring the next job
+                await w.idle()
+                await w.notify()
+            await w.idle()
+            assert w.ran() == ["j2", "j3"]  # the gated handler records nothing
+            assert all(w.status(j)["status"] == "SUCCEEDED" for j in ("j1", "j2", "j3"))
+            assert "get" not in w.operations() and "describe" not in w.operations()
+
+    run(body())
+
+
+def test_slot_of_a_job_ended_in_the_cloud_goes_to_the_job_that_waited(tmp_path: Path) -> None:
+    """The one slot is held by a handler whose job is canceled: the notify's sync stops it and
+    finds j2 waiting for the slot; its end (no update of ours, so no notification) asks for the
+    sync that takes j2."""
+    gate = tmp_path / "gate"
+
+    async def body() -> None:
+        async with World(tmp_path) as w:
+            await _running_gated(w, gate)
+            w.create("j2")
+            w.jobs.published.clear()
+            w.jobs.published.extend(w.service.cancel_job("j1", force=True))
+            await w.notify()  # j1 missing from notify: a sync; j2 waits for the slot
+            assert w.d._deferred
+            for _ in range(400):  # j1's handler is stopped; its freed slot asks for a sync
+                if w.d._want_sync:
+                    break
+                await asyncio.sleep(0.01)
+            await w.d.step()
+            await w.idle()
+            assert w.ran() == ["j2"]
+            assert w.status("j1")["status"] == "CANCELED"
+            assert w.status("j2")["status"] == "SUCCEEDED"
+
+    run(body())
+
+
+# ---------------------------------------------------------------------- issue 12, item 3
+
+class CountingJournal(GatedJournal):
+    """Counts the journal's commits (every write is one transaction on its thread)."""
+
+    commits = 0
+
+    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        super()._tx(statements)
+        self.commits += 1
+
+
+def test_commits_per_job(tmp_path: Path) -> None:
+    """A one-step job claimed from notify-next costs five commits, each before its side effect:
+    the claim (before the claim is sent), the new version with "running" (before the spawn;
+    these were two commits), the pid (after the spawn, so a restarted agent can stop it), the
+    verdict with its outbox row (before the final update is sent), and "done" (once the
+    service accepted it)."""
+    class CountingWorld(World):
+        journal_class = CountingJournal
+
+    async def body() -> int:
+        async with CountingWorld(tmp_path) as w:
+            assert isinstance(w.journal, CountingJournal)
+            await _started(w)
+            before = w.journal.commits
+            w.create("j1")
+            await w.notify()
+            await w.idle()
+            await w.notify()
+            assert w.status("j1")["status"] == "SUCCEEDED"
+            record = await w.journal.get(("j1", 1))
+            assert record is not None and record.state == "done"
+            assert record.version == w.status("j1")["versionNumber"]
+            return w.journal.commits - before
+
+    assert run(body()) == 5
+
+
+def test_jobs_claimed_from_notifications_are_pruned_without_a_sync(tmp_path: Path) -> None:
+    """Pruning after a burst ran only after a sync; jobs claimed from notify-next meet none, so
+    the journal must be pruned as they finish (bench flatness found 233 rows for 100)."""
+    async def body() -> list[tuple[Any, ...]]:
+        async with World(tmp_path, max_records=3) as w:
+            await _started(w)
+            for index in range(8):
+                w.create(f"j{index}")
+                await w.notify()
+                await w.idle()
+                await w.notify()
+            assert "get" not in w.operations()
+            for _ in range(100):  # the last prune runs as its own task
+                rows = await w.journal.select("SELECT job_id FROM executions")
+                if len(rows) <= 3:
+                    break
+                await asyncio.sleep(0.01)
+            return rows
+
+    assert len(run(body())) <= 3

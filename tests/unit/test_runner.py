@@ -16,6 +16,7 @@ import resource
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -531,3 +532,15 @@ def test_status_details_always_valid(reason: str, head: str, tail: str, key: str
         assert 1 <= len(text.encode("utf-16-le")) // 2 <= 1024
         assert not any(unicodedata.category(ch).startswith("C") for ch in text)
     assert details["outcome"] == "failed" and details["durationSeconds"] == "12.500"
+
+
+def test_the_agent_parks_fd_3_before_its_connection_opens_any_descriptor() -> None:
+    """``run`` starts the MQTT connection (sockets) before it imports the dispatcher (issue 12):
+    the runner must already have parked fd 3, or every spawn falls back to fork() (3-5 ms per
+    job; the bench's queue -> handler found it)."""
+    code = ("import os, socket, agent.app; "
+            "sock = socket.socket(); "  # what Connection.start() does next
+            "import agent.runner; "  # what serve() imports then
+            "assert agent.runner._PARKED is not None, 'fd 3 not parked'; "
+            "assert os.readlink('/proc/self/fd/3') == os.devnull")
+    subprocess.run([sys.executable, "-c", code], check=True, close_fds=True, timeout=60)
