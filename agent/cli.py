@@ -134,6 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_helper(args: argparse.Namespace) -> int:
+    import asyncio
+
     from agent.helper import run_helper
 
     configure_logging("INFO")
