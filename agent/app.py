@@ -195,12 +195,9 @@ class Agent:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             os.close(fd)
             probe.unlink()
-        except PermissionError as exc:
-            if entry is not None and not exc.filename:  # state_dir_problem's own message
-                raise ConfigError(str(exc)) from None
-            raise ConfigError(f"state_dir {base} is not usable ({exc.strerror}): create it, "
-                              f"writable by uid {os.geteuid()}, or set state_dir") from None
         except OSError as exc:
+            if isinstance(exc, PermissionError) and entry is not None and not exc.filename:
+                raise ConfigError(str(exc)) from None  # state_dir_problem's own message
             raise ConfigError(f"state_dir {base} is not usable ({exc.strerror}): create it, "
                               f"writable by uid {os.geteuid()}, or set state_dir") from None
 

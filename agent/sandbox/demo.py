@@ -174,12 +174,10 @@ def default_directory(cwd: Path | None = None) -> Path:
         local.unlink()
     if not local.exists() and not local.is_symlink():
         local.symlink_to(private)
-    if local.is_symlink():
-        _say(f"{cwd} is below a directory others can write, where the agent runs no handler; "
-             f"the sandbox lives in {private} ({local} links to it)")
-    else:
-        _say(f"{cwd} is below a directory others can write, where the agent runs no handler; "
-             f"the sandbox lives in {private} (remove the old {local} to get a link to it)")
+    link = (f"{local} links to it" if local.is_symlink()
+            else f"remove the old {local} to get a link to it")
+    _say(f"{cwd} is below a directory others can write, where the agent runs no handler; "
+         f"the sandbox lives in {private} ({link})")
     return private
 
 
