@@ -241,12 +241,11 @@ class _HandlerProtocol(asyncio.SubprocessProtocol):
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd in (1, 2):
-            self.process._received(fd, self.process._redactors[fd - 1].feed(data))
+            self.process._received(fd, data)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd in (1, 2):
-            self.process._received(fd, self.process._redactors[fd - 1].flush())
-            self.process._pipe_closed()
+            self.process._stream_closed(fd)
 
     def process_exited(self) -> None:
         self.process._ended = time.monotonic()
@@ -262,11 +261,10 @@ class _RemotePipe(asyncio.Protocol):
         self.process, self.fd = process, fd
 
     def data_received(self, data: bytes) -> None:
-        self.process._output.feed(data)
-        self.process._streams[self.fd - 1].feed(data)
+        self.process._received(self.fd, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.process._pipe_closed()
+        self.process._stream_closed(self.fd)
 
 
 class _RemoteTransport:
@@ -591,7 +589,16 @@ class HandlerProcess:
         self._supervisor = asyncio.create_task(self._supervise(), name=f"handler:{req.job_id}")
 
     def _received(self, fd: int, data: bytes) -> None:
-        """Output of stdout (1) or stderr (2), secrets already redacted."""
+        """Output of stdout (1) or stderr (2), from a child's pipe or the helper's: secrets
+        are redacted before anything stores it."""
+        self._keep(fd, self._redactors[fd - 1].feed(data))
+
+    def _stream_closed(self, fd: int) -> None:
+        """stdout (1) or stderr (2) ended: what its redactor held back is output too."""
+        self._keep(fd, self._redactors[fd - 1].flush())
+        self._pipe_closed()
+
+    def _keep(self, fd: int, data: bytes) -> None:
         if data:
             self._output.feed(data)
             self._streams[fd - 1].feed(data)

@@ -27,6 +27,8 @@ from agent.config import load_config
 from agent.helper import Helper, listening_socket, receive, send
 from agent.runner import HandlerProcess, RunRequest, RunResult
 
+SECRET = "s3cr3t-t0ken-value"
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the helper runs as root")
 
 
@@ -63,7 +65,12 @@ def config_path(place: Path) -> Path:
         "reboot_command": [str(reboot)],
         "handlers": {"echo": {"command": [str(echo)], "environment": {"FOO": "bar"}},
                      "as-nobody": {"command": [str(echo)], "user": "nobody"},
-                     "sleep": {"command": [str(sleeper)], "timeout": "30s"}}}))
+                     "sleep": {"command": [str(sleeper)], "timeout": "30s"},
+                     "secret": {"command": [str(handlers / "secret.sh")],
+                                "environment": {"TOKEN": {"value": SECRET, "secret": True}}}}}))
+    secret = handlers / "secret.sh"
+    secret.write_text("#!/bin/sh\nprintf 'token=%s\\n' \"$TOKEN\"\necho \"$TOKEN\" >&2\n")
+    secret.chmod(0o755)
     return path
 
 
@@ -234,6 +241,27 @@ def test_the_runner_through_the_helper(config_path: Path, place: Path) -> None:
     assert result.output_head.splitlines()[:3] == ["root", "a b", "$(id)"]
     assert "FOO=bar" in result.stderr_tail
     assert progress == [{"progress": "50"}]
+
+
+def test_secrets_are_redacted_from_what_the_helper_hands_over(config_path: Path,
+                                                             place: Path) -> None:
+    """The helper passes the handler's pipes to the agent: its output is redacted there as a
+    local child's is (the agent knows the secrets from its own config)."""
+    config = load_config(config_path)
+    environment = dict(config.handlers["secret"].environment)
+
+    async def scenario(sock_path: Path) -> RunResult:
+        process = HandlerProcess(request(config_path, "secret", environment=environment),
+                                 backend=HelperBackend(sock_path))
+        return await process.wait()
+
+    result = serve(config_path, place, scenario)
+    assert result.outcome == "succeeded", result
+    assert result.output_head.splitlines()[0] == "token=***"
+    assert SECRET not in result.output_head + result.output_tail + result.stderr_tail
+    assert "***" in result.stderr_tail
+    log = Path(config.state_dir) / "logs" / "job-1.1.log"
+    assert SECRET not in log.read_text()
 
 
 def test_a_user_handler_through_the_helper_and_its_timeout(config_path: Path,
