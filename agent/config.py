@@ -300,12 +300,6 @@ class HandlerLimits:
     private_network: bool = False
     private_tmp: bool = False
 
-    @property
-    def sandboxed(self) -> bool:
-        """Settings only a service unit applies (a scope has no mount or network namespace)."""
-        return bool(self.protect_system not in (None, "no") or self.read_write_paths
-                    or self.private_network or self.private_tmp)
-
     def properties(self) -> list[str]:
         """``Name=value`` unit properties, for ``systemd-run -p``."""
         props = []
@@ -371,9 +365,8 @@ class HandlerConfig:
 
     @property
     def limits(self) -> HandlerLimits | None:
-        limits = HandlerLimits(self.memory_max, self.cpu_quota, self.tasks_max,
-                               self.protect_system, self.read_write_paths,
-                               self.private_network, self.private_tmp)
+        limits = HandlerLimits(**{f.name: getattr(self, f.name)
+                                  for f in dataclasses.fields(HandlerLimits)})
         return None if limits == HandlerLimits() else limits
 
 

@@ -422,11 +422,10 @@ class Journal:
         version of the execution, in the same commit (after a claim, it was its own commit
         with nothing between the two: issue 12)."""
         now = self._clock()
-        bump = "version=?, " if version is not None else ""
         await self._write(
-            (f"UPDATE executions SET state='running', {bump}attempts=attempts+1, pid=NULL, "
-             f"pid_start=NULL, boot_id=?, updated_at=? WHERE {_CURRENT}",
-             (*((version,) if version is not None else ()), boot_id, now, *key)),
+            ("UPDATE executions SET state='running', version=COALESCE(?, version), "
+             "attempts=attempts+1, pid=NULL, pid_start=NULL, boot_id=?, updated_at=? "
+             f"WHERE {_CURRENT}", (version, boot_id, now, *key)),
             ("INSERT INTO steps (execution_id, step, name, state, attempts, updated_at) "
              f"VALUES ({_CURRENT_ID},?,?,'running',1,?) ON CONFLICT (execution_id, step) DO "
              "UPDATE SET state='running', attempts=attempts+1, reason=NULL, "

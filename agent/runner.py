@@ -41,6 +41,7 @@ from agent.backends import Backend, Launch, Run
 from agent.config import SAFE_PATH, HandlerLimits
 from agent.errors import AgentError
 from agent.hygiene import Neutraliser, Redactor, neutralise, secrets_of
+from agent.paths import STATE_MODE
 
 __all__ = ["DOCUMENT_FILE", "PROGRESS_FD", "SAFE_PATH", "HandlerProcess", "RunRequest",
            "RunResult", "format_duration", "run_handler", "sanitize_detail", "status_details"]
@@ -455,7 +456,7 @@ class HandlerProcess:
         except (TypeError, ValueError) as exc:
             raise AgentError(f"job document is not JSON: {exc}") from None
         try:
-            req.work_dir.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+            req.work_dir.parent.mkdir(mode=STATE_MODE, parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(req.work_dir, 0o700)
             # Everything below goes through this descriptor: a symlink planted where the work

@@ -42,10 +42,6 @@ class Run:
     unit: str | None = None  # the transient unit it runs in (systemd backend)
     members: dict[int, int] = field(default_factory=dict)  # pid -> start seen in its tree
 
-    @property
-    def name(self) -> str:
-        return f"{self.job_id}.{self.execution_number}"
-
 
 @dataclass
 class Launch:
@@ -135,10 +131,12 @@ def current() -> Backend:
 def under_systemd() -> bool:
     """Started by systemd as a service of the system manager, which can start transient units
     for us: ``INVOCATION_ID`` is set, ``/run/systemd/system`` exists, and we are root."""
-    import shutil  # here: shutil brings bz2 and lzma, which an idle agent never needs
+    if not (os.environ.get("INVOCATION_ID") and Path("/run/systemd/system").is_dir()
+            and os.geteuid() == 0):
+        return False
+    import shutil  # only here: shutil brings bz2 and lzma, which an idle agent never needs
 
-    return (bool(os.environ.get("INVOCATION_ID")) and Path("/run/systemd/system").is_dir()
-            and os.geteuid() == 0 and shutil.which("systemd-run") is not None)
+    return shutil.which("systemd-run") is not None
 
 
 def choose(config: Config, *, privileged: bool = False) -> Backend:

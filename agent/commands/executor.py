@@ -379,10 +379,10 @@ class CommandExecutor:
     async def _recover(self) -> None:
         """Finish what a previous run of the agent started (crash, kill -9, reboot)."""
         for record in await self.journal.open_records():
-            known = _work(record, self.config)
+            work = _work(record, self.config)
             handler = Handler(job_work_dir(self.config.state_dir, record.execution_id,
                                            command=True),
-                              (tuple(known.argv),) if known is not None else ())
+                              (tuple(work.argv),) if work is not None else ())
             alive = self.machine.alive(record.pid, record.pid_start, handler)
             plan = lifecycle.plan_recovery(record, time.time(), self.config, alive)
             log.info("recovering command execution_id=%s state=%s action=%s", record.execution_id,
@@ -397,7 +397,6 @@ class CommandExecutor:
                     await self.journal.finish(record.execution_id, plan.update)
                 self._spawn(self._deliver(record.execution_id, final))
                 continue
-            work = _work(record, self.config)
             if work is None:
                 continue  # plan_recovery reports a removed handler; unreachable
             self._waiting[record.execution_id] = _Command(record.execution_id, work,
