@@ -164,11 +164,17 @@ class TransientUnitBackend(Backend):
                                   "--property=ExecMainCode", "--property=ExecMainStatus",
                                   "--property=LoadState", "--", unit)
         values = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
-        # Whatever is left (a unit still stopping, a failed one kept for its result) goes.
+        if values.get("LoadState") == "not-found":
+            # Collected already (the usual end): it ended well, with nothing left in its
+            # cgroup (systemd keeps a unit loaded while it has processes); systemd-run's
+            # status is the truth, and there is nothing to stop or reset.
+            return None
+        # Whatever is left (a unit still stopping, a failed one kept for its result) goes. A
+        # failed `show` (no LoadState) stops it too.
         await self._quietly([self.systemctl, "stop", "--", unit])
         await self._quietly([self.systemctl, "reset-failed", "--", unit])
         if values.get("LoadState") != "loaded":
-            return None  # collected already: it ended well; systemd-run's status is the truth
+            return None
         result = values.get("Result", "")
         try:
             code, status = int(values.get("ExecMainCode", "0")), int(
