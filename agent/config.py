@@ -486,6 +486,12 @@ class Config:
     def client_id(self) -> str:
         return self.mqtt.client_id or self.thing_name
 
+    def uses_helper(self) -> bool:
+        """Whether this (unprivileged) agent starts its handlers through the privileged helper:
+        ``execution: helper``, or ``auto`` when not root and the helper's socket exists."""
+        return self.execution == "helper" or (
+            self.execution == "auto" and os.geteuid() != 0 and self.helper_socket.exists())
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -730,17 +736,8 @@ def check_files(config: Config, *, state: bool = True) -> list[str]:
                 report(("handlers", name, setting),
                        problem if setting == "command" else f"verify: {problem}")
         if handler.user is not None:
-            try:
-                pwd.getpwnam(handler.user)
-            except KeyError:
-                report(("handlers", name, "user"), f"no such user {handler.user!r}: create it "
-                                                   "or remove the setting")
-            else:
-                if not _may_switch_users(config) and \
-                        pwd.getpwnam(handler.user).pw_uid != os.geteuid():
-                    report(("handlers", name, "user"),
-                           f"running handlers as {handler.user!r} needs the agent to run as root "
-                           "or the privileged helper (iot-jobs-agent-helper.socket)")
+            _check_user(config, handler.user, "handlers", "remove the setting",
+                        lambda m, n=name: report(("handlers", n, "user"), m))
         if handler.limits is not None and config.execution == "local":
             first = handler.limits.properties()[0].split("=")[0]
             report(("handlers", name), f"{first}= and the other unit limits need the systemd "
@@ -755,11 +752,20 @@ def check_files(config: Config, *, state: bool = True) -> list[str]:
     return problems
 
 
-def _may_switch_users(config: Config) -> bool:
-    """Root does; an unprivileged agent does through the privileged helper (which checks the
-    same config as root)."""
-    return os.geteuid() == 0 or config.execution == "helper" or (
-        config.execution == "auto" and config.helper_socket.exists())
+def _check_user(config: Config, user: str, what: str, remove: str,
+                report: Callable[[str], None]) -> None:
+    """A user ``what`` (handlers, commands) run as: it must exist, and the agent must be able
+    to switch to it: as root, or through the privileged helper (which checks the same config
+    as root)."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        report(f"no such user {user!r}: create it or {remove}")
+        return
+    may_switch = os.geteuid() == 0 or config.uses_helper()
+    if not may_switch and entry.pw_uid != os.geteuid():
+        report(f"running {what} as {user!r} needs the agent to run as root or the privileged "
+               "helper (iot-jobs-agent-helper.socket)")
 
 
 def _check_state_dirs(config: Config,
@@ -804,15 +810,8 @@ def _check_documents(config: Config,
         elif problem := program_problem(Path(found), "runCommand program"):
             report(("run_command", "allow", i), problem)
     for i, user in enumerate(config.run_command.users):
-        where: tuple[str | int, ...] = ("run_command", "users", i)
-        try:
-            entry = pwd.getpwnam(user)
-        except KeyError:
-            report(where, f"no such user {user!r}: create it or remove it from the list")
-            continue
-        if not _may_switch_users(config) and entry.pw_uid != os.geteuid():
-            report(where, f"running commands as {user!r} needs the agent to run as root or the "
-                          "privileged helper (iot-jobs-agent-helper.socket)")
+        _check_user(config, user, "commands", "remove it from the list",
+                    lambda m, i=i: report(("run_command", "users", i), m))
 
 
 def _stat_readable(file: Path, report: Callable[[str], None]) -> os.stat_result | None:

@@ -145,8 +145,7 @@ def choose(config: Config, *, privileged: bool = False) -> Backend:
     wanted = config.execution
     if privileged and wanted == "helper":
         wanted = "auto"
-    if wanted == "helper" or (wanted == "auto" and not privileged and os.geteuid() != 0
-                              and config.helper_socket.exists()):
+    if not privileged and config.uses_helper():
         from agent.backends.helper import HelperBackend
 
         backend: Backend = HelperBackend(config.helper_socket)
