@@ -29,7 +29,7 @@ from agent.config import Config
 from agent.connection import Connection, ConnectionEvent
 from agent.errors import CertificateValidationException, ConfigError
 from agent.jobs import JobsClient
-from agent.paths import ensure_state_dir, state_dirs
+from agent.paths import ensure_state_dir, job_logs_dir, state_dirs
 from agent.systemd import Notifier
 
 if TYPE_CHECKING:
@@ -82,9 +82,7 @@ class Agent:
         self._stop.set()
 
     async def serve(self) -> int:
-        # Under systemd, per-job logs go where LogsDirectory= points; else under state_dir.
-        job_logs = Path(os.environ.get("LOGS_DIRECTORY", "")
-                        or Path(self.config.state_dir) / "logs")
+        job_logs = job_logs_dir(self.config.state_dir)
         self._prepare_state_dir(job_logs)
         # Chosen once: where every handler runs, and what stops all of its processes.
         backend = backends.choose(self.config)

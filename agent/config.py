@@ -28,7 +28,13 @@ import yaml
 
 from agent.errors import ConfigError
 from agent.hygiene import Secret
-from agent.paths import directory_problem, program_problem, state_dir_problem, state_dirs
+from agent.paths import (
+    directory_problem,
+    job_logs_dir,
+    program_problem,
+    state_dir_problem,
+    state_dirs,
+)
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -772,8 +778,7 @@ def _check_state_dirs(config: Config,
                       report: Callable[[tuple[str | int, ...], str], None]) -> None:
     """Existing state directories must be the agent's and private (missing ones are created
     so at start)."""
-    logs = os.environ.get("LOGS_DIRECTORY") or None
-    for entry in state_dirs(config.state_dir, Path(logs) if logs else None):
+    for entry in state_dirs(config.state_dir, job_logs_dir(config.state_dir)):
         if problem := state_dir_problem(entry):
             report(("state_dir",), problem)
 

@@ -175,6 +175,11 @@ class StateDir:
     what: str  # how messages name it: "state_dir", "state_dir/jobs", "LOGS_DIRECTORY"
 
 
+def job_logs_dir(state_dir: Path | str) -> Path:
+    """Where per-job logs go: where systemd's LogsDirectory= points, else ``state_dir/logs``."""
+    return Path(os.environ.get("LOGS_DIRECTORY", "") or Path(state_dir) / "logs")
+
+
 def state_dirs(state_dir: Path, logs: Path | None = None) -> list[StateDir]:
     """The agent's private directories, parents first; ``logs``: LOGS_DIRECTORY if set."""
     base = Path(state_dir)
