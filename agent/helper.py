@@ -48,6 +48,7 @@ from agent.config import Config, load_checked
 from agent.documents import DocumentError, plan_document
 from agent.errors import AgentError
 from agent.execution import step_label
+from agent.paths import job_work_dir
 from agent.recovery import DEFAULT_SERVICE
 from agent.runner import DOCUMENT_FILE, RunRequest, handler_environment
 
@@ -154,7 +155,6 @@ class RunAsk:
 def plan_request(ask: RunAsk, config: Config) -> RunRequest:
     """What the config says this request runs (as the dispatcher and the command executor
     build it), or :class:`Refused`."""
-    state = Path(config.state_dir)
     try:
         if ask.kind == "command":
             from agent.commands.lifecycle import work_of
@@ -165,7 +165,7 @@ def plan_request(ask: RunAsk, config: Config) -> RunRequest:
             return RunRequest(
                 job_id=ask.job_id, execution_number=1, thing_name=config.thing_name,
                 argv=work.argv, document=ask.document,
-                work_dir=state / "commands" / ask.job_id,
+                work_dir=job_work_dir(config.state_dir, ask.job_id, command=True),
                 log_path=Path(os.devnull), timeout=work.handler.timeout,
                 kill_grace=config.kill_grace, user=work.handler.user,
                 limits=work.handler.limits,
@@ -185,7 +185,7 @@ def plan_request(ask: RunAsk, config: Config) -> RunRequest:
     return RunRequest(
         job_id=ask.job_id, execution_number=ask.execution_number,
         thing_name=config.thing_name, argv=list(argv), document=ask.document,
-        work_dir=state / "jobs" / f"{ask.job_id}.{ask.execution_number}",
+        work_dir=job_work_dir(config.state_dir, f"{ask.job_id}.{ask.execution_number}"),
         log_path=Path(os.devnull), timeout=step.timeout, kill_grace=config.kill_grace,
         user=step.user, limits=handler.limits if handler is not None else None,
         environment={**step.environment, "JOB_PHASE": ask.phase,
